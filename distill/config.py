@@ -1,0 +1,203 @@
+"""Typed configs: YAML -> dataclasses, `key.sub=value` overrides, errors that name the key.
+
+Every recipe declares a dataclass (subclassing `TrainConfig` for training recipes); its YAML
+lives at `recipes/configs/<recipe>/<model>.yaml` and names the recipe with `recipe: <name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from distill.errors import ConfigError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Keys every training recipe has, so that scripts and the CLI can rely on them."""
+
+    recipe: str = ""  # the recipe script under recipes/ this config drives
+    run_name: str = ""  # run folders are <output_dir>/<NNN>-<run_name>; default <recipe>-<config file stem>
+    teacher: str = ""  # a local diffusers pipeline folder or a hub id
+    output_dir: str = "runs"  # run folders are created inside it, numbered
+    seed: int = 0
+    max_train_steps: int = 1000
+    max_train_minutes: float | None = None  # wall-clock budget; whichever limit comes first ends the run
+    train_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2  # older checkpoints are deleted beyond this many
+    resume_from_checkpoint: str | None = None  # a checkpoint folder, a run folder, or "latest"
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted where lossless."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"Config key '{key}' is {value!r}, expected {_type_name(tp)}.")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"Config key '{key}' is {value!r}; choose one of {', '.join(map(repr, args))}.")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"Config key '{key}' is {value!r}, expected a list ({_type_name(tp)}).")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key '{key}' is {value!r}, expected a mapping.")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"Config key '{key}' is {value!r}, expected a mapping of {tp.__name__} keys.")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"Config key '{key}' is {value!r} ({type(value).__name__}), expected {_type_name(tp)}.")
+
+
+def valid_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key a config class accepts, nested ones included."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        keys.append(prefix + field.name)
+        tp = hints[field.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] if _is_optional(tp) else [tp]
+        for sub in inner:
+            if dataclasses.is_dataclass(sub):
+                keys += valid_keys(sub, prefix + field.name + ".")
+    return keys
+
+
+def unknown_key_error(key: str, cls: type, prefix: str = "") -> ConfigError:
+    candidates = valid_keys(cls)
+    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(candidates)}."
+    return ConfigError(f"Unknown config key '{prefix}{key}' for {cls.__name__}.{hint}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "", root: type | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    root = root or cls
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise unknown_key_error(key, cls, prefix)
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without default
+        raise ConfigError(f"Config for {cls.__name__} is incomplete: {err}.") from err
+
+
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict of YAML-safe values (tuples become lists)."""
+    def plain(value):
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'unet.lr=1e-4' -> (['unet', 'lr'], 0.0001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' is not of the form key.sub=value.")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"Override '{text}' has no key before '='.")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"Override '{text}': '{part}' is a value, not a section.")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist: pass a YAML path (list them with `distill ls`).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"Config file {path} is not valid YAML{where}: fix the syntax there.") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must be a mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
+def recipe_name(path: str | Path, data: dict | None = None) -> str:
+    """The recipe a YAML drives: its `recipe:` key, else the folder it sits in."""
+    data = read_yaml(path) if data is None else data
+    return str(data.get("recipe") or Path(path).parent.name)
+
+
+def load_config(path: str | Path, cls: type, overrides: list[str] = ()) -> Any:
+    data = apply_overrides(read_yaml(path), list(overrides))
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "recipe" in names:
+        data.setdefault("recipe", recipe_name(path, data))
+    if "run_name" in names and not data.get("run_name"):
+        stem = Path(path).stem
+        data["run_name"] = stem if stem == data.get("recipe") else f"{data.get('recipe')}-{stem}"
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
