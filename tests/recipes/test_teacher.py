@@ -1,0 +1,68 @@
+"""A real, short run of the teacher recipe on the committed emoji, end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import load_config
+from recipes import teacher as recipe
+
+CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "teacher" / "emoji_sd.yaml"
+
+
+def test_center_latents_keeps_decoder_output_and_zeroes_the_mean():
+    torch.manual_seed(0)
+    vae = recipe.build_vae(recipe.VaeConfig()).eval()
+    with torch.no_grad():  # make the latent mean clearly non-zero, as a trained VAE's is
+        vae.quant_conv.bias[:4] += torch.tensor([1.5, 2.0, -0.8, 2.8])
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = vae.decode(vae.encode(images).latent_dist.mean).sample
+        stats = recipe.center_latents(vae, images)
+        means = vae.encode(images).latent_dist.mean
+        after = vae.decode(means).sample
+    assert torch.allclose(before, after, atol=1e-5)
+    assert means.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert stats["scaling_factor"] == pytest.approx(1 / (means.std().item()), rel=1e-3)
+    assert vae.config.scaling_factor == stats["scaling_factor"]
+
+
+def test_diffusion_loss_targets_velocity_for_v_prediction():
+    scheduler = recipe.build_scheduler(recipe.UnetConfig(prediction_type="v_prediction"))
+    z0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    v = scheduler.get_velocity(z0, eps, t)
+
+    def perfect(z_t, t, encoder_hidden_states):  # a model that outputs exactly v
+        return type("Out", (), {"sample": v})
+
+    loss = recipe.diffusion_loss(perfect, scheduler, z0, None, t, eps, snr_gamma=5.0)
+    assert loss.shape == (2,) and torch.allclose(loss, torch.zeros(2))
+
+
+@pytest.mark.slow
+def test_short_run_writes_a_loadable_pipeline_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"teacher={tmp_path / 'teacher'}", "data.max_samples=64",
+                 "vae.max_train_steps=3", "vae.batch_size=8", "max_train_steps=3", "train_batch_size=8",
+                 "checkpointing_steps=2", "sample_steps=2", "sample_prompts=[banana, dog face]",
+                 "max_train_minutes=null", "vae.max_train_minutes=null"]
+    run_dir = recipe.main(load_config(CONFIG, recipe.TeacherConfig, overrides))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
+    assert json.loads((run_dir / "vae" / "final" / "stats.json").read_text())["psnr_db"] > 0
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    out = pipe(["banana"], num_inference_steps=2, guidance_scale=3.0, output_type="np",
+               generator=torch.Generator().manual_seed(0), height=32, width=32).images
+    assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
+
+    # Resuming the same run with a larger budget goes on from its last UNet checkpoint.
+    more = load_config(CONFIG, recipe.TeacherConfig, overrides + ["max_train_steps=5", "resume_from_checkpoint=latest"])
+    again = recipe.main(more)
+    assert again == run_dir
+    from distill.runs import list_checkpoints, read_state
+
+    assert read_state(list_checkpoints(run_dir / "unet")[-1])["step"] == 5
