@@ -101,6 +101,46 @@ def train(config, overrides, dry_run):
     module.main(cfg)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the diffusers artefact into.")
+@click.option("--checkpoint", default=None, help="A checkpoint folder, name or step; default: the run's final student.")
+def export(run_dir, out, checkpoint):
+    """Export a student for plain diffusers: distill export runs/001-lcm-emoji_sd_lora --out exports/lora
+
+    A LoRA student becomes pytorch_lora_weights.safetensors (load_lora_weights + LCMScheduler);
+    a full student becomes a pipeline folder whose scheduler is LCMScheduler.
+    """
+    from distill.export import export_run
+
+    click.echo(f"exported: {export_run(run_dir, out, checkpoint)}")
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for several rows.")
+@click.option("--steps", default="4", show_default=True, help="Student steps, e.g. 1,2,4.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", default="grid.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--teacher-steps", default=None, type=int, help="Add the teacher at this many steps beside the student.")
+@click.option("--guidance-scale", default=None, type=float, help="Default: what the student was trained for.")
+def sample(source, prompts, steps, seed, out, teacher_steps, guidance_scale):
+    """Write a sample grid in seconds: distill sample runs/001-lcm-emoji_sd_lora --prompt "dog face" --steps 1,2,4
+
+    SOURCE is a run folder, an exported LoRA or pipeline folder, or a teacher pipeline folder (its own scheduler).
+    """
+    from distill.errors import ConfigError
+    from distill.sampling import sample_grid
+
+    try:
+        step_list = [int(s) for s in str(steps).split(",") if s.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--steps {steps} is not a comma-separated list of integers, e.g. 1,2,4.") from err
+    path = sample_grid(source, list(prompts), step_list, seed, out, teacher_steps=teacher_steps,
+                       guidance_scale=guidance_scale)
+    click.echo(f"grid written: {path}")
+
+
 @main.command(name="ls")
 def list_configs():
     """List recipes and their configs: distill ls"""

@@ -1,0 +1,89 @@
+"""Latent consistency distillation math: the skipping-step DDIM solver and the boundary condition.
+
+Luo et al. 2023, "Latent Consistency Models" (arXiv:2310.04378), on Song et al. 2023, "Consistency
+Models" (arXiv:2303.01469). Timesteps are the teacher's integer training timesteps t in [0, T).
+
+- The solver works on N of the T timesteps, k = T // N apart: t_{n+k} in {k-1, 2k-1, ..., T-1}, and one
+  step goes from t_{n+k} to t_n = t_{n+k} - k (0 for the first interval), as diffusers' LCM scripts do.
+  It is DDIM with eta = 0: z_{t_n} = sqrt(abar_{t_n}) x0 + sqrt(1 - abar_{t_n}) eps.
+- The consistency function is f(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t) with
+  c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2) and c_out = s t / sqrt((s t)^2 + sigma_data^2)
+  (sigma_data = 0.5, timestep scaling s = 10, as diffusers' LCMScheduler), so f(z, 0) = z.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DDIMSolver:
+    """Skipping-step DDIM over `num_ddim_timesteps` (N) of the teacher's T training timesteps.
+
+    alphas_cumprod: [T] the teacher's abar_t. Attributes: k (skip), timesteps [N] (t_{n+k}, ascending),
+    prev_timesteps [N] (t_n). An `index` in [0, N) names one interval (t_n, t_{n+k}).
+    """
+
+    def __init__(self, alphas_cumprod: Tensor, num_ddim_timesteps: int = 50):
+        total = len(alphas_cumprod)
+        if not 1 <= num_ddim_timesteps <= total:
+            raise ValueError(f"num_ddim_timesteps must be in [1, {total}], got {num_ddim_timesteps}.")
+        self.num_train_timesteps, self.num_ddim_timesteps = total, num_ddim_timesteps
+        self.k = total // num_ddim_timesteps
+        self.alphas_cumprod = alphas_cumprod.detach().float()
+        self.timesteps = torch.arange(1, num_ddim_timesteps + 1) * self.k - 1
+        self.prev_timesteps = (self.timesteps - self.k).clamp(min=0)
+
+    def sample_index(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """n ~ U{0, ..., N-1} per sample: [B] long (on CPU; move it with the batch)."""
+        return torch.randint(0, self.num_ddim_timesteps, (batch_size,), generator=generator)
+
+    def start(self, index: Tensor) -> Tensor:
+        """t_{n+k} for each index: [B] long."""
+        return self.timesteps.to(index.device)[index]
+
+    def end(self, index: Tensor) -> Tensor:
+        """t_n for each index: [B] long."""
+        return self.prev_timesteps.to(index.device)[index]
+
+    def step(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
+        """One DDIM (eta = 0) step from t_{n+k} to t_n given the (guided) x0 and eps: z_{t_n} [B, ...].
+
+        x0, eps: [B, C, H, W]; index: [B]. For index 0 the target time is t = 0, whose abar_0 < 1, as in
+        DDIMScheduler with set_alpha_to_one=False and diffusers' LCM scripts.
+        """
+        abar = self.alphas_cumprod.to(x0.device)[self.end(index).to(x0.device)]
+        abar = abar.reshape((-1,) + (1,) * (x0.ndim - 1)).to(x0.dtype)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+
+
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) at timesteps t [B] as float32 [B] (see the module docstring; LCM Eq. 9 / LCMScheduler)."""
+    scaled = torch.as_tensor(t).float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip, c_out
+
+
+def consistency_output(
+    z_t: Tensor, x0: Tensor, t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+) -> Tensor:
+    """f(z_t, t) = c_skip(t) z_t + c_out(t) x0: the parameterised consistency function, [B, ...]."""
+    c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scaling)
+    shape = (-1,) + (1,) * (z_t.ndim - 1)
+    c_skip, c_out = c_skip.to(z_t.device).reshape(shape), c_out.to(z_t.device).reshape(shape)
+    return c_skip * z_t + c_out * x0
+
+
+def inference_timesteps(num_inference_steps: int, original_steps: int = 50, num_train_timesteps: int = 1000) -> Tensor:
+    """The timesteps an LCM samples at, descending [S]: evenly spaced indices into the N solver timesteps.
+
+    The same schedule as LCMScheduler.set_timesteps(num_inference_steps, original_inference_steps=N),
+    so that the toolkit's sampler and a plain diffusers pipeline visit the same t.
+    """
+    if not 1 <= num_inference_steps <= original_steps:
+        raise ValueError(f"num_inference_steps must be in [1, {original_steps}], got {num_inference_steps}.")
+    k = num_train_timesteps // original_steps
+    grid = (torch.arange(1, original_steps + 1) * k - 1).flip(0)
+    index = torch.floor(torch.arange(num_inference_steps, dtype=torch.float64) * original_steps / num_inference_steps)
+    return grid[index.long()]

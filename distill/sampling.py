@@ -1,0 +1,177 @@
+"""Sampling a consistency student: in the toolkit (training grids) and with plain diffusers (`distill sample`).
+
+`lcm_sample` is multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1) written
+with the toolkit's own pieces: z_T ~ N(0, I); at each t_i: x0 = f(z_{t_i}, t_i); z_{t_{i+1}} =
+alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} eps. It visits the timesteps LCMScheduler visits and draws its noise
+in the same order from the same generator, so it gives what a diffusers pipeline with LCMScheduler gives.
+
+`sample_grid` loads a run folder or an export with plain diffusers only (a LoRA into the teacher pipeline
+with `load_lora_weights`, a full student as a pipeline folder), as a user would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from distill.consistency import consistency_output, inference_timesteps
+from distill.errors import ConfigError, ModelError
+from distill.student import INFO_FILE, LORA_WEIGHTS, StudentInfo, guidance_embedding, predict
+from distill.teacher import Cond, Teacher
+
+
+@torch.no_grad()
+def lcm_sample(
+    unet, teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, guidance_scale: float = 1.0,
+    original_steps: int = 50, timestep_scaling: float = 10.0, resolution: int | None = None,
+) -> Tensor:
+    """Images [B, 3, H, W] in about [-1, 1] from the student `unet` for the B conditions in `cond`.
+
+    A UNet with `time_cond_proj_dim` (full student) gets omega = guidance_scale - 1 as its guidance input;
+    the teacher's own LoRA'd UNet gets classifier-free guidance when guidance_scale != 1, as a pipeline does.
+    """
+    device, batch = teacher.device, len(cond)
+    z = torch.randn((batch, *teacher.latent_shape(resolution)), generator=generator).to(device)
+    w_embedding = None
+    if getattr(unet.config, "time_cond_proj_dim", None):
+        omega = torch.full((batch,), guidance_scale - 1.0)
+        w_embedding = guidance_embedding(omega, unet.config.time_cond_proj_dim).to(device)
+    elif unet is not teacher.unet and guidance_scale != 1.0:
+        raise ValueError("A UNet without a guidance input samples with guidance_scale 1 (or is the teacher's own).")
+    timesteps = inference_timesteps(steps, original_steps, teacher.num_train_timesteps)
+    for i, t in enumerate(timesteps.tolist()):
+        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+        if w_embedding is not None:  # a full student may be held in another dtype than the teacher
+            out = predict(unet, z.to(unet.dtype), t_batch, cond.to(dtype=unet.dtype), w_embedding.to(unet.dtype))
+        else:
+            out = teacher.guided(z, t_batch, cond, guidance_scale)
+        x0, _ = teacher.to_x0_eps(out.float(), z.float(), t_batch)
+        z = consistency_output(z.float(), x0, t_batch, timestep_scaling=timestep_scaling)
+        if i + 1 < len(timesteps):
+            noise = torch.randn(z.shape, generator=generator).to(device)
+            z = teacher.add_noise(z, noise, torch.full((batch,), timesteps[i + 1].item(), device=device))
+        z = z.to(teacher.dtype)
+    return teacher.decode_latents(z).float().cpu()
+
+
+def student_rows(unet, teacher: Teacher, prompts: list[str], steps: Sequence[int], seed: int, **kwargs) -> list[list]:
+    """PIL rows (one per prompt, one column per step count) from `lcm_sample`, each count from `seed`."""
+    from distill.images import to_pil
+
+    cond = teacher.encode_prompt(prompts, kwargs.get("resolution"))
+    columns = [to_pil(lcm_sample(unet, teacher, cond, s, torch.Generator().manual_seed(seed), **kwargs)) for s in steps]
+    return [list(row) for row in zip(*columns)]
+
+
+# -------------------------------------------------------------------------------------- plain diffusers
+def lcm_scheduler(teacher_scheduler_config, info: StudentInfo):
+    """LCMScheduler on the teacher's noise schedule, with the N and timestep scaling the student was trained with.
+
+    Clipping and thresholding are off: the training targets were never clipped.
+    """
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(
+        teacher_scheduler_config, original_inference_steps=info.num_ddim_timesteps,
+        timestep_scaling=info.timestep_scaling, prediction_type=info.prediction_type,
+        clip_sample=False, thresholding=False,
+    )
+
+
+def load_student_pipeline(source: str | Path, teacher_pipe=None, device: str | torch.device | None = None):
+    """(pipeline with LCMScheduler, StudentInfo) from a run folder, a LoRA export or a pipeline export.
+
+    `teacher_pipe`: an already loaded teacher pipeline to build on (for LoRA and run folders); it is changed
+    in place. Loads through plain diffusers: `load_lora_weights`, `UNet2DConditionModel.from_pretrained`,
+    `DiffusionPipeline.from_pretrained`. device: where to run (default: CUDA if there is one, else CPU).
+    """
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from distill.export import student_folder
+
+    source = Path(source)
+    if (source / "model_index.json").is_file():
+        info = StudentInfo.load(source)
+        return DiffusionPipeline.from_pretrained(str(source), **_no_safety(source)).to(_device(device)), info
+    folder = source if (source / INFO_FILE).is_file() else student_folder(source)
+    info = StudentInfo.load(folder)
+    pipe = teacher_pipe
+    if pipe is None:
+        pipe = Teacher.from_pretrained(info.teacher, device=_device(device)).pipe
+    if info.kind == "lora":
+        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).to(pipe.device, pipe.unet.dtype)
+    pipe.scheduler = lcm_scheduler(pipe.scheduler.config, info)
+    return pipe, info
+
+
+def _device(device) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _no_safety(folder: Path) -> dict:
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+
+
+def _images(pipe, prompts, steps, seed, guidance_scale) -> list:
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images
+
+
+def sample_grid(
+    source: str | Path, prompts: Sequence[str], steps: int | Sequence[int], seed: int, out_path: str | Path,
+    teacher_steps: int | None = None, guidance_scale: float | None = None, device: str | torch.device | None = None,
+) -> Path:
+    """Write a PNG grid: one row per prompt, one column per student step count, then (with `teacher_steps`)
+    the teacher with its own scheduler at that many steps. Every column starts from the same seed.
+
+    source: a run folder, or an export (LoRA folder or pipeline folder). guidance_scale: what the student
+    pipeline is called with (default: the one recorded at training, 1 + mid omega for a full student,
+    1.0 for a LoRA, whose guidance is baked in); the teacher column uses the teacher guidance the student
+    imitates. device: default CUDA if there is one, else CPU.
+    """
+    from diffusers import DiffusionPipeline
+
+    from distill.engine import save_grid
+
+    prompts = list(prompts)
+    if not prompts:
+        raise ConfigError("sample_grid needs at least one prompt; pass prompts or a prompt file.")
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    source = Path(source)
+    if not source.exists():
+        raise ModelError(f"{source} does not exist; pass a run folder or an exported student.")
+    teacher_pipe = teacher_column = None
+    if teacher_steps:
+        info = StudentInfo.load(_info_folder(source))
+        teacher_pipe = Teacher.from_pretrained(info.teacher, device=_device(device)).pipe
+        teacher_column = _images(teacher_pipe, prompts, teacher_steps, seed, info.teacher_guidance_scale)
+        if (source / "model_index.json").is_file():
+            teacher_pipe = None  # a pipeline export brings its own components
+    if (source / "model_index.json").is_file() and not (source / INFO_FILE).is_file():
+        # A plain pipeline (a teacher): its own scheduler; diffusers' default guidance unless given.
+        pipe = DiffusionPipeline.from_pretrained(str(source), **_no_safety(source)).to(_device(device))
+        scale = 7.5 if guidance_scale is None else guidance_scale
+    else:
+        pipe, info = load_student_pipeline(source, teacher_pipe, device)
+        scale = info.guidance_scale if guidance_scale is None else guidance_scale
+    columns = [_images(pipe, prompts, s, seed, scale) for s in steps]
+    if teacher_column is not None:
+        columns.append(teacher_column)
+    return save_grid([list(row) for row in zip(*columns)], Path(out_path))
+
+
+def _info_folder(source: Path) -> Path:
+    from distill.export import student_folder
+
+    if (source / INFO_FILE).is_file():
+        return source
+    return student_folder(source)
