@@ -182,5 +182,77 @@ def setup(teacher):
     click.echo(f"text encoder ready: {install_text_encoder(teacher)}")
 
 
+def _step_list(ctx, param, value):
+    from distill.errors import ConfigError
+
+    try:
+        steps = [int(s) for s in str(value).split(",") if s.strip()]
+    except ValueError:
+        steps = []
+    if not steps or any(s < 1 for s in steps):
+        raise ConfigError(f"--steps {value!r} is not a list of positive step counts; write e.g. --steps 1,2,4,8.")
+    return steps
+
+
+@main.command(name="eval")
+@click.option("--teacher", required=True, help="Teacher pipeline folder (or hub id).")
+@click.option("--student", "students", multiple=True, help="Run folder, LoRA export or pipeline export; repeatable.")
+@click.option("--steps", default="1,2,4,8", show_default=True, callback=_step_list, help="Student / few-step teacher steps.")
+@click.option("--teacher-steps", default=50, show_default=True, help="The teacher's usual steps (its own scheduler).")
+@click.option("--num-samples", "-n", default=1000, show_default=True, help="N images per configuration.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder.")
+@click.option("--prompts", type=click.Path(dir_okay=False), help="Prompt file (default: N dataset captions).")
+@click.option("--reference", default="emoji:32", show_default=True, help="Real images: a dataset source, or 'none'.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--batch-size", default=64, show_default=True, help="Batch of the quality run (throughput B).")
+@click.option("--guidance-scale", type=float, help="Teacher CFG (default: from the students' metadata).")
+@click.option("--baseline-guidance", type=float, help="CFG of the few-step teacher (default: --guidance-scale).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the prompts/reference choice and the noise.")
+@click.option("--feature-net", default="effnet-lite0", show_default=True, type=click.Choice(["effnet-lite0", "inception"]))
+@click.option("--feature-resolution", default=128, show_default=True,
+              help="EffNet input size (128 = evals/calibrate.py's; 64 is ~6x faster on CPU, numbers not comparable).")
+@click.option("--alignment", default="emoji-align", show_default=True, help="emoji-align, clip:<model id>, or none.")
+@click.option("--price-per-gpu-hour", default=2.0, show_default=True, help="USD per hour, for cost per image.")
+@click.option("--compile", "compile_unet", is_flag=True, help="torch.compile the UNets (GPU).")
+@click.option("--latency-runs", default=20, show_default=True, help="Timed batch-1 runs per configuration.")
+@click.option("--latency-warmup", default=3, show_default=True, help="Untimed batch-1 runs before those.")
+@click.option("--diversity-prompts", default=8, show_default=True, help="Prompts sampled several times for diversity.")
+@click.option("--diversity-samples", default=4, show_default=True, help="Seeds per diversity prompt.")
+def eval_command(teacher, students, steps, teacher_steps, num_samples, out, prompts, reference, device, dtype,
+                 batch_size, guidance_scale, baseline_guidance, seed, feature_net, feature_resolution, alignment,
+                 price_per_gpu_hour,
+                 compile_unet, latency_runs, latency_warmup, diversity_prompts, diversity_samples):
+    """Quality and speed of teacher and students at 1-8 steps: distill eval --teacher checkpoints/emoji-sd --student runs/002-lcm-emoji_sd_lora --out outputs/eval
+
+    Same prompts and per-sample seeds for every model; writes report.json/.md/.html to --out.
+    """
+    from evals.report import summary_table
+    from evals.run import EvalSettings, run_eval
+
+    settings = EvalSettings(
+        teacher=teacher, out=out, students=list(students), steps=steps, teacher_steps=teacher_steps,
+        num_samples=num_samples, prompts=prompts, reference=reference, device=device, dtype=dtype,
+        batch_size=batch_size, guidance_scale=guidance_scale, baseline_guidance=baseline_guidance, seed=seed,
+        feature_net=feature_net, feature_resolution=feature_resolution, alignment=alignment,
+        price_per_gpu_hour=price_per_gpu_hour, compile=compile_unet, latency_runs=latency_runs,
+        latency_warmup=latency_warmup, diversity_prompts=diversity_prompts, diversity_samples=diversity_samples)
+    report = run_eval(settings)
+    click.echo(summary_table(report))
+    for line in report["recommendations"]:
+        click.echo(f"- {line['text']}")
+    click.echo(f"report: {Path(out) / 'report.html'} (data: {Path(out) / 'report.json'}; "
+               f"{report['timings']['total_s']:.0f} s)")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+def report(folder):
+    """Rebuild report.md, report.html and plots from report.json: distill report outputs/eval"""
+    from evals.report import regenerate
+
+    click.echo(f"report: {regenerate(folder)}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,161 @@
+"""Speed of one model at one step count: latency at batch 1 by stage, throughput at batch B, peak memory.
+
+Latency: `runs` timed end-to-end samples of one prompt at batch 1 after `warmup` untimed ones, each split
+into text encoder, denoising loop and VAE decode (CUDA is synchronised at every stage boundary), reported
+as p50 and p95 (nearest-rank percentiles). Throughput comes from the quality run itself (`StageClock`): the
+same N images, generated at batch B; the first batch and a smaller last one are left out when others remain,
+so one-time costs (allocator, cuDNN autotuning, torch.compile for a new shape) do not count. Peak memory is
+CUDA's max allocated bytes, or on CPU the process's peak resident set (VmHWM, reset before each measurement),
+which includes every other tensor the process holds.
+
+Speedups compare against the teacher at its usual step count with CFG. A denoising loop costs about
+NFE x (one UNet evaluation), so at a batch large enough to keep the device busy its speedup should be the
+NFE ratio (e.g. 100 / k for a k-step student without CFG): `loop_vs_nfe` reports how close it comes.
+At batch 1 the unconditional and conditional passes share one forward, so the speedup there is lower.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from evals import models
+
+
+def sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class PeakMemory:
+    """Peak memory (MiB) inside a `with` block: CUDA max allocated, else the process's peak RSS."""
+
+    def __init__(self, device):
+        self.device, self.mb, self.kind = str(device), 0.0, ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.resettable = _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
+        else:
+            self.mb = _rss_peak_mb()
+            self.kind = "process_peak_rss" if self.resettable else "process_peak_rss_since_start"
+
+
+def _reset_rss_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) of this process."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class StageClock:
+    """Seconds and images per stage over the batches of a run; the first batch is the warm-up."""
+
+    STAGES = ("text", "loop", "decode")
+
+    def __init__(self, device):
+        self.device = device
+        self.batches: list[dict[str, float]] = []
+
+    def start_batch(self, size: int) -> None:
+        self.batches.append({"size": size, **{s: 0.0 for s in self.STAGES}})
+
+    def time(self, stage: str, fn, *args):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        sync(self.device)
+        self.batches[-1][stage] += time.perf_counter() - t0
+        return out
+
+    def summary(self) -> dict:
+        """ms per image by stage and images/s end to end, over the full batches after the first.
+
+        The first batch pays one-time costs; a smaller last batch would be a new shape (a recompile under
+        torch.compile). Both are left out when other batches remain.
+        """
+        full = self.batches[0]["size"]
+        timed = [b for b in self.batches[1:] if b["size"] == full] or self.batches[1:] or self.batches
+        images = sum(b["size"] for b in timed)
+        per_stage = {s: 1000 * sum(b[s] for b in timed) / images for s in self.STAGES}
+        total_s = sum(b[s] for b in timed for s in self.STAGES)
+        return {"images_timed": images, "stage_ms_per_image": per_stage, "throughput_img_s": images / total_s,
+                "seconds": sum(b[s] for b in self.batches for s in self.STAGES)}
+
+
+def latency(candidate: models.Candidate, steps: int, prompt: str, runs: int = 20, warmup: int = 3,
+            seed: int = 0) -> dict:
+    """Batch-1 latency of `candidate` at `steps`: p50/p95 end to end and p50 of each stage, in ms."""
+    device = candidate.model.device
+    records = []
+    with PeakMemory(device) as peak:
+        for i in range(warmup + runs):
+            gens = models.sample_generators(seed, [i])
+            noise = models.initial_noise(candidate, gens)
+            clock = StageClock(device)
+            clock.start_batch(1)
+            cond = clock.time("text", models.encode, candidate, [prompt])
+            z = clock.time("loop", models.denoise, candidate, steps, cond, noise, gens)
+            clock.time("decode", models.decode, candidate, z)
+            if i >= warmup:
+                records.append(clock.batches[0])
+    total = [1000 * sum(r[s] for s in StageClock.STAGES) for r in records]
+    return {
+        "runs": runs, "warmup": warmup,
+        "p50_ms": percentile(total, 50), "p95_ms": percentile(total, 95),
+        "stage_p50_ms": {s: percentile([1000 * r[s] for r in records], 50) for s in StageClock.STAGES},
+        "peak_mem_mb": peak.mb, "mem_kind": peak.kind,
+    }
+
+
+def speedups(row: dict, reference: dict) -> dict:
+    """How much faster `row` is than `reference` (the teacher at its usual steps), stage by stage."""
+    r, t = row["speed"], reference["speed"]
+    nfe_ratio = reference["nfe"] / row["nfe"]
+    loop_b = t["stage_ms_per_image"]["loop"] / r["stage_ms_per_image"]["loop"]
+    return {
+        "nfe_ratio": nfe_ratio,
+        "latency": t["latency"]["p50_ms"] / r["latency"]["p50_ms"],
+        "loop_batch1": t["latency"]["stage_p50_ms"]["loop"] / r["latency"]["stage_p50_ms"]["loop"],
+        "throughput": r["throughput_img_s"] / t["throughput_img_s"],
+        "loop_batch": loop_b,
+        "loop_vs_nfe": loop_b / nfe_ratio,
+        "loop_within_10pct_of_nfe": abs(loop_b / nfe_ratio - 1) <= 0.10,
+    }
+
+
+def cost_per_million(throughput_img_s: float, price_per_hour: float) -> float:
+    """USD per 1e6 images at `throughput_img_s` on a machine priced `price_per_hour` USD."""
+    return 1e6 / throughput_img_s / 3600 * price_per_hour
