@@ -208,6 +208,9 @@ def _caveats(report: dict) -> list[dict]:
         notes.append(f"{p['fd_name']} is biased upwards at small N: at N = {p['n']} two disjoint sets of real images "
                      f"score {floor['fd']:.1f} (the floor). Compare numbers only at equal N and feature net; "
                      f"KID is unbiased, and its ± is the spread over subsets.")
+    notes.append("Diversity (spread of one prompt's samples over seeds) flags mode collapse when it falls well below "
+                 f"{report['rows'][0]['label']}'s; higher is not better by itself (blurry or noisy samples are diverse "
+                 "too): read it with precision.")
     if p["feature_net"] == "effnet-lite0" and p["feature_resolution"] != 128:
         notes.append(f"Features at {p['feature_resolution']} px, not the 128 px of evals/calibrate.py: these numbers "
                      "compare only with runs at the same resolution (the floor here is at the same one).")
@@ -404,23 +407,30 @@ def _plain_ticks(axis) -> None:
 
 
 def plot_time_breakdown(report: dict) -> bytes:
+    """Share of the batch-1 latency (p50 per stage) spent in text encoder, denoising loop and VAE decode."""
     plt = _plt()
-    rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.4))
-    labels = [r["label"] for r in rows][::-1]
+    rows = report["rows"][::-1]
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.5))
+    labels = [r["label"] for r in rows]
+    totals = [sum(r["speed"]["latency"]["stage_p50_ms"].values()) for r in rows]
     left = [0.0] * len(rows)
     for stage, color, name in (("text", "tab:green", "text encoder"), ("loop", "tab:blue", "denoising loop"),
                                ("decode", "tab:orange", "VAE decode")):
-        values = [r["speed"]["latency"]["stage_p50_ms"][stage] for r in rows][::-1]
-        ax.barh(labels, values, left=left, color=color, label=name)
-        left = [a + b for a, b in zip(left, values)]
-    if max(left) / max(min(left), 1e-9) > 20:  # a 50-step teacher beside 1-step students
-        ax.set_xscale("log")
-        _plain_ticks(ax.xaxis)
-    ax.set_xlabel("ms per image at batch 1 (p50 of each stage)")
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("Where the time goes (batch 1)", fontsize=11)
-    ax.grid(alpha=0.3, axis="x")
+        ms = [r["speed"]["latency"]["stage_p50_ms"][stage] for r in rows]
+        share = [100 * m / t for m, t in zip(ms, totals)]
+        ax.barh(labels, share, left=left, color=color, label=name)
+        for y, (x0, w, m) in enumerate(zip(left, share, ms)):
+            if w > 9:  # room for the number
+                ax.text(x0 + w / 2, y, f"{m:.0f} ms" if m >= 10 else f"{m:.1f} ms", ha="center", va="center",
+                        fontsize=7, color="white")
+        left = [a + b for a, b in zip(left, share)]
+    for y, (total, r) in enumerate(zip(totals, rows)):
+        ax.text(101, y, f"{r['speed']['latency']['p50_ms']:.0f} ms p50", va="center", fontsize=8)
+    ax.set_xlim(0, 118)
+    ax.set_xticks([0, 25, 50, 75, 100])
+    ax.set_xlabel("share of the batch-1 latency (%), p50 of each stage")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.45, 1.0), ncol=3, fontsize=8, frameon=False)
+    ax.set_title("Where the time goes (batch 1)", fontsize=11, pad=22)
     fig.tight_layout()
     return _png(fig)
 
@@ -598,6 +608,8 @@ def _best_cells(report: dict) -> set[tuple[int, int]]:
     """(row, column) of the best generated value in each quality column (the floor is not a contender)."""
     best = set()
     for j, (key, _, _, up) in enumerate(_columns(report)):
+        if key == "diversity":  # more is not simply better: noise is diverse too
+            continue
         values = [(r["quality"][key], i) for i, r in enumerate(report["rows"]) if key in r["quality"]]
         if values:
             best.add(((max if up else min)(values)[1], 4 + j))
@@ -628,7 +640,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <h2>Recommendation</h2><ul class="rec">{rec}</ul>
 <h2>Quality</h2>
 {_html_table(*quality_table(report), classes=classes, best=_best_cells(report))}
-<p class="note">Bold: best generated value in the column. Teacher rows shaded; the real-vs-real floor is the best any
+<p class="note">Bold: best generated value in the column (not for diversity). Teacher rows shaded; the real-vs-real floor is the best any
 generator can score at this N.</p>
 {img(PLOTS['quality_vs_steps'], 'quality vs steps')}
 <h2>Speed</h2>

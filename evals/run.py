@@ -442,7 +442,7 @@ def run_eval(settings: EvalSettings) -> dict:
             _unique_name(student, model_info)
             group = [(student, k) for k in settings.steps]
         _add(timings, "load_s", time.perf_counter() - t0)
-        model_info.extend(_model_entry(c) for c in dict.fromkeys(c for c, _ in group))
+        add_models(model_info, [c for c in dict.fromkeys(c for c, _ in group)])
         evaluate_candidate(group, prompts, settings, measure, state, rows, grids, timings)
         for cand in dict.fromkeys(c for c, _ in group):
             models.free(cand)
@@ -506,6 +506,17 @@ def _unique_name(student: models.Candidate, model_info: list[dict]) -> None:
     base, i = student.name, 2
     while student.name in taken:
         student.name, i = f"{base}-{i}", i + 1
+
+
+def add_models(model_info: list[dict], cands: list[models.Candidate]) -> None:
+    """One entry per distinct way of sampling (the teacher's few-step DDIM may be its own scheduler)."""
+    for cand in cands:
+        entry = _model_entry(cand)
+        same = [m for m in model_info if all(m[k] == entry[k] for k in ("name", "source", "scheduler", "guidance_scale"))]
+        if same:
+            same[0]["description"] += "; also the few-step baseline (no distillation)"
+        else:
+            model_info.append(entry)
 
 
 def _model_entry(cand: models.Candidate) -> dict:
