@@ -25,10 +25,11 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
 PLOTS = {"quality_vs_steps": "quality_vs_steps.png", "quality_vs_latency": "quality_vs_latency.png",
          "time_breakdown": "time_breakdown.png"}
 GRID_FILE = "samples.png"
+NOISY_CV = 0.10  # batch-to-batch variation of the loop time above which speed numbers are flagged
 FILES = ("report.json", "report.md", "report.html", GRID_FILE, *PLOTS.values())
 QUALITY_COLUMNS = [  # key, header, format, higher is better
     ("fd", None, "{:.1f}", False), ("kid", "KID×1000", None, False), ("precision", "precision", "{:.3f}", True),
-    ("recall", "recall", "{:.3f}", True), ("diversity", "diversity", "{:.2f}", True),
+    ("recall", "recall", "{:.3f}", True), ("diversity", "diversity", "{:.2f}", None),  # None: neither way
     ("align_top1", "top-1", "{:.3f}", True), ("align_top5", "top-5", "{:.3f}", True),
     ("align_cos", "cos", "{:.3f}", True), ("clip_score", "CLIPScore", "{:.2f}", True),
 ]
@@ -208,6 +209,12 @@ def _caveats(report: dict) -> list[dict]:
         notes.append(f"{p['fd_name']} is biased upwards at small N: at N = {p['n']} two disjoint sets of real images "
                      f"score {floor['fd']:.1f} (the floor). Compare numbers only at equal N and feature net; "
                      f"KID is unbiased, and its ± is the spread over subsets.")
+    noisy = [f"{r['label']} ({100 * r['speed']['loop_cv']:.0f}%)" for r in report["rows"]
+             if r["speed"].get("loop_cv", 0) > NOISY_CV]
+    if noisy:
+        notes.append(f"Timing noise: the denoising loop's time per image varied between batches by more than "
+                     f"{NOISY_CV:.0%} for {', '.join(noisy)}: something else was probably using the device. Quality "
+                     "numbers are unaffected; rerun on an idle machine before trusting those speed numbers.")
     notes.append("Diversity (spread of one prompt's samples over seeds) flags mode collapse when it falls well below "
                  f"{report['rows'][0]['label']}'s; higher is not better by itself (blurry or noisy samples are diverse "
                  "too): read it with precision.")
@@ -246,7 +253,8 @@ def _columns(report: dict) -> list[tuple]:
 
 def quality_table(report: dict) -> tuple[list[str], list[list[str]]]:
     columns = _columns(report)
-    head = ["model@steps", "scheduler", "guidance", "NFE"] + [h + (" ↑" if up else " ↓") for _, h, _, up in columns]
+    arrow = {True: " ↑", False: " ↓", None: ""}
+    head = ["model@steps", "scheduler", "guidance", "NFE"] + [h + arrow[up] for _, h, _, up in columns]
     body = []
     for r in report["rows"]:
         guidance = f"CFG {r['guidance_scale']:g}" if r["cfg"] else (
@@ -273,7 +281,7 @@ def latency_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 def throughput_table(report: dict) -> tuple[list[str], list[list[str]]]:
     head = ["model@steps", "NFE", "img/s", "text ms/img", "loop ms/img", "decode ms/img", "speedup",
-            "loop speedup", "NFE ratio", "loop / NFE", "peak MiB", "$ / 1M images"]
+            "loop speedup", "NFE ratio", "loop / NFE", "batch CV", "peak MiB", "$ / 1M images"]
     body = []
     for r in report["rows"]:
         s, v = r["speed"], r["vs_teacher"]
@@ -281,7 +289,8 @@ def throughput_table(report: dict) -> tuple[list[str], list[list[str]]]:
         body.append([r["label"], str(r["nfe"]), f"{s['throughput_img_s']:.1f}", f"{stage['text']:.2f}",
                      f"{stage['loop']:.2f}", f"{stage['decode']:.2f}", f"{v['throughput']:.1f}×",
                      f"{v['loop_batch']:.1f}×", f"{v['nfe_ratio']:.1f}", f"{v['loop_vs_nfe']:.2f}",
-                     f"{s['peak_mem_mb']:.0f}", f"{r['cost_usd_per_million']:.2f}"])
+                     f"{100 * s['loop_cv']:.0f}%" if "loop_cv" in s else "—", f"{s['peak_mem_mb']:.0f}",
+                     f"{r['cost_usd_per_million']:.2f}"])
     return head, body
 
 
@@ -353,7 +362,8 @@ def plot_quality_vs_steps(report: dict) -> bytes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(report["protocol"]["steps"], [str(s) for s in report["protocol"]["steps"]])
         ax.set_xlabel("steps")
-        ax.set_title(f"{header} ({'higher' if up else 'lower'} is better)", fontsize=10)
+        better = {True: "higher is better", False: "lower is better", None: "collapse if far below the teacher"}
+        ax.set_title(f"{header} ({better[up]})", fontsize=10)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
@@ -584,6 +594,11 @@ dt { font-weight: 600; color: #444; } dd { margin: 0; }
 """
 
 
+def _code(text: str) -> str:
+    """`name` -> <code>name</code> (the recommendation texts are written for markdown too)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
 def _html_table(head, body, classes=None, best=None) -> str:
     e = html.escape
     rows = []
@@ -625,7 +640,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 
     rows = report["rows"]
     classes = ["teacher" if r["role"] == "teacher" else "" for r in rows] + ["floor"]
-    rec = "".join(f'<li class="{"budget" if r["kind"] == "latency_budget" else ""}">{e(r["text"])}</li>'
+    rec = "".join(f'<li class="{"budget" if r["kind"] == "latency_budget" else ""}">{_code(e(r["text"]))}</li>'
                   for r in report["recommendations"])
     protocol = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in _protocol_items(report))
     bar = "".join(f"<li>{e(line)}</li>" for line in _bar_lines(report))
@@ -648,7 +663,8 @@ generator can score at this N.</p>
 memory: {e(_mem_note(report))}.</p>
 {_html_table(*latency_table(report), classes=classes[:-1])}
 <h3>Throughput at batch {p['batch_size']}</h3>
-<p class="note">Measured on the quality run itself (first batch left out).</p>
+<p class="note">Measured on the quality run itself (first batch left out). Batch CV: how much the loop's time per
+image varied between batches; above {NOISY_CV:.0%} the device was probably shared.</p>
 {_html_table(*throughput_table(report), classes=classes[:-1])}
 <p class="note">Speedups are against {e(rows[0]['label'])} (CFG counted in its NFE). Denoising-loop speedup against the
 NFE ratio (the bar: within 10% at batch {p['batch_size']}):</p><ul class="note">{bar}</ul>

@@ -339,7 +339,8 @@ def row_entry(cand: models.Candidate, steps: int, gen: Generated, text_ms: float
         "guidance_input": cand.guidance_input, "nfe": cand.nfe(steps),
         "speed": {"latency": lat, "batch_size": batch, "stage_ms_per_image": stage,
                   "throughput_img_s": 1000 / per_image_ms, "peak_mem_mb": gen.peak["mb"], "mem_kind": gen.peak["kind"],
-                  "generation_s": gen.clock["seconds"], "weights_mb": models.weights_mb(cand.model)},
+                  "generation_s": gen.clock["seconds"], "loop_cv": gen.clock["loop_cv"],
+                  "weights_mb": models.weights_mb(cand.model)},
     }
 
 

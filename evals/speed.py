@@ -112,7 +112,16 @@ class StageClock:
         per_stage = {s: 1000 * sum(b[s] for b in timed) / images for s in self.STAGES}
         total_s = sum(b[s] for b in timed for s in self.STAGES)
         return {"images_timed": images, "stage_ms_per_image": per_stage, "throughput_img_s": images / total_s,
-                "seconds": sum(b[s] for b in self.batches for s in self.STAGES)}
+                "seconds": sum(b[s] for b in self.batches for s in self.STAGES), "loop_cv": _cv(timed)}
+
+
+def _cv(batches: list[dict]) -> float:
+    """Coefficient of variation of the loop's time per image across batches: a sign of a shared, noisy device."""
+    values = [b["loop"] / b["size"] for b in batches]
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / mean
 
 
 def latency(candidate: models.Candidate, steps: int, prompt: str, runs: int = 20, warmup: int = 3,

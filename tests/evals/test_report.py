@@ -127,6 +127,9 @@ def test_recommendation_picks_the_best_quality_under_each_budget():
     assert cost[0]["label"] == "lora@2" and cost[1]["label"] == "lora@1"  # within 10% (<= 264), within 25% (<= 300)
     assert any("CPU time" in r["text"] for r in report["recommendations"] if r["kind"] == "note")
     assert not any("dominated" in r["text"] for r in report["recommendations"])
+    assert not any("Timing noise" in r["text"] for r in report["recommendations"])
+    report["rows"][3]["speed"]["loop_cv"] = 0.25
+    assert any("Timing noise" in r["text"] and "lora@2 (25%)" in r["text"] for r in R.recommend(report))
     report["rows"][4]["quality"]["fd"] = 230.0  # lora@4 now beats the teacher outright
     note = next(r for r in R.recommend(report) if "dominated" in r["text"])
     assert note["label"] == "lora@4" and "22.7× faster" in note["text"]

@@ -31,6 +31,9 @@ def test_stage_clock_leaves_the_first_and_a_short_last_batch_out():
     s = clock.summary()
     assert s["images_timed"] == 20 and s["stage_ms_per_image"]["loop"] == pytest.approx(100.0)
     assert s["throughput_img_s"] == pytest.approx(10.0) and s["seconds"] == pytest.approx(10.0)
+    assert s["loop_cv"] == 0.0  # the two timed batches took the same time
+    clock.batches[2]["loop"] = 2.0
+    assert clock.summary()["loop_cv"] == pytest.approx(0.4714, rel=1e-3)  # std 0.0707 / mean 0.15 (s per image)
 
 
 def test_peak_memory_sees_a_large_allocation():
