@@ -1,4 +1,4 @@
-"""The `distill` command line: train, sample, export, data, ls, setup.
+"""The `distill` command line: train, sample, export, eval, report, data, ls, setup.
 
 Every command prints one clear sentence and exits non-zero on a mistake a user can fix;
 `distill --debug ...` shows the traceback as well.
