@@ -31,6 +31,8 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.secho(f"error: {err}", fg="red", err=True)
             sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise  # --help, usage errors: click's own handling and exit codes
         except KeyboardInterrupt:
             click.echo("interrupted: checkpoints already written are kept.", err=True)
             sys.exit(130)

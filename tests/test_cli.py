@@ -23,6 +23,18 @@ def test_help_lists_only_implemented_commands_each_with_an_example():
         assert "distill " in (command.help or ""), f"`{name}` help has no example"
 
 
+@pytest.mark.parametrize("name", sorted(cli.main.commands))
+def test_every_command_help_exits_0(name):
+    result = run(name, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"Usage: main {name}" in result.output and "error" not in result.output.lower()
+
+
+def test_usage_error_keeps_clicks_exit_code():
+    result = run("eval", "--no-such-option")
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_yaml_loads_and_validates(path):
     module, cfg = cli.load_recipe(path, [])
