@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/distill sample checkpoints/emoji-sd --steps 50 --guidance-scale 3 --seed 0 --out $(DEMO_OUT)/teacher.png \
-		--prompt "grinning face" --prompt "dog face" --prompt "banana" --prompt "flag: France"
+	$(BIN)/distill demo --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""The `distill` command line: train, sample, export, eval, report, data, ls, setup.
+"""The `distill` command line: demo, train, sample, export, eval, report, data, ls, setup.
 
 Every command prints one clear sentence and exits non-zero on a mistake a user can fix;
 `distill --debug ...` shows the traceback as well.
@@ -229,7 +229,6 @@ def eval_command(teacher, students, steps, teacher_steps, num_samples, out, prom
 
     Same prompts and per-sample seeds for every model; writes report.json/.md/.html to --out.
     """
-    from evals.report import summary_table
     from evals.run import EvalSettings, run_eval
 
     settings = EvalSettings(
@@ -239,12 +238,16 @@ def eval_command(teacher, students, steps, teacher_steps, num_samples, out, prom
         feature_net=feature_net, feature_resolution=feature_resolution, alignment=alignment,
         price_per_gpu_hour=price_per_gpu_hour, compile=compile_unet, latency_runs=latency_runs,
         latency_warmup=latency_warmup, diversity_prompts=diversity_prompts, diversity_samples=diversity_samples)
-    report = run_eval(settings)
+    _print_report(run_eval(settings), Path(out))
+
+
+def _print_report(report: dict, out: Path) -> None:
+    from evals.report import summary_table
+
     click.echo(summary_table(report))
     for line in report["recommendations"]:
         click.echo(f"- {line['text']}")
-    click.echo(f"report: {Path(out) / 'report.html'} (data: {Path(out) / 'report.json'}; "
-               f"{report['timings']['total_s']:.0f} s)")
+    click.echo(f"report: {out / 'report.html'} (data: {out / 'report.json'}; {report['timings']['total_s']:.0f} s)")
 
 
 @main.command()
@@ -254,6 +257,50 @@ def report(folder):
     from evals.report import regenerate
 
     click.echo(f"report: {regenerate(folder)}")
+
+
+DEMO_CONFIG = "lcm/emoji_sd_lora"
+DEMO_TEACHER = ROOT / "checkpoints" / "emoji-sd"
+
+
+@main.command()
+@click.option("--minutes", default=5.0, show_default=True, help="Training budget of the LCM-LoRA, in minutes.")
+@click.option("--num-samples", "-n", default=1000, show_default=True, help="Images per model and step count.")
+@click.option("--out", default="outputs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Each demo writes a new numbered folder here.")
+def demo(minutes, num_samples, out):
+    """The whole story on the embedded teacher, offline: distill demo
+
+    Distils checkpoints/emoji-sd into an LCM-LoRA for --minutes, exports it for plain diffusers, evaluates
+    the teacher and the exported LoRA at 1/2/4/8 steps on the same prompts and seeds, and writes the report.
+    Each stage prints the command that runs it on its own.
+    """
+    import time
+
+    from distill.export import export_run
+    from evals.run import EvalSettings, run_eval
+
+    started = time.monotonic()
+    # Both cores: nothing else runs beside the demo (the YAML's one thread is for a shared machine).
+    overrides = [f"max_train_minutes={minutes}", f"output_dir={Path(out) / 'runs'}", "run_name=demo",
+                 "num_threads=null", "sample.every_steps=0", "resume_from_checkpoint=null"]
+    _stage(1, f"distill train {DEMO_CONFIG} {' '.join(overrides)}")
+    module, cfg = load_recipe(resolve_config_path(DEMO_CONFIG), overrides)
+    run_dir = Path(module.main(cfg))
+    _stage(2, f"distill export {run_dir} --out {run_dir / 'lora'}")
+    lora = export_run(run_dir, run_dir / "lora")
+    report_dir = run_dir / "report"
+    _stage(3, f"distill eval --teacher {DEMO_TEACHER.relative_to(ROOT)} --student {lora} --steps 1,2,4,8 "
+              f"-n {num_samples} --out {report_dir}")
+    settings = EvalSettings(teacher=str(DEMO_TEACHER), out=str(report_dir), students=[str(lora)],
+                            steps=[1, 2, 4, 8], num_samples=num_samples)
+    _print_report(run_eval(settings), report_dir)
+    click.echo(f"demo done in {(time.monotonic() - started) / 60:.1f} min: LoRA {lora / 'pytorch_lora_weights.safetensors'}"
+               f", samples {run_dir / 'samples' / 'final.png'}")
+
+
+def _stage(number: int, command: str) -> None:
+    click.secho(f"\n[demo {number}/3] {command}", fg="cyan", err=True)
 
 
 if __name__ == "__main__":
