@@ -29,8 +29,9 @@ def start_run(cfg, project: str):
     `resume` writes the config once the checkpoint (if any) has loaded.
     """
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, set_seed
 
+    set_seed(cfg.seed)  # initial weights drawn from the global generator (LoRA's A, new layers) follow the seed
     state = PartialState()
     paths = [None, None]
     if state.is_main_process:

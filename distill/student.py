@@ -108,6 +108,42 @@ def adapters_disabled(unet):
         unet.enable_adapters()
 
 
+class AdapterEMA:
+    """theta^- for a LoRA student: an exponential moving average of its adapter weights (decay mu).
+
+    LCM-LoRA uses the student itself as its target; an average is steadier on short, small-batch runs.
+    `applied()` swaps the average into the adapters' tensors for a block (the target pass, sampling,
+    saving) and the online weights back afterwards; the optimizer keeps the same parameter objects.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = list(params), decay
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """shadow <- mu shadow + (1 - mu) online."""
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """shadow <- the adapters' current weights (after loading a checkpoint's average into them)."""
+        for shadow, p in zip(self.shadow, self.params):
+            shadow.copy_(p)
+
+    @contextmanager
+    def applied(self):
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    def _swap(self) -> None:
+        for p, shadow in zip(self.params, self.shadow):
+            p.data, shadow.data = shadow.data, p.data
+
+
 def lora_state_dict(unet) -> dict[str, Tensor]:
     """The adapters' weights with peft's key names (`<module>.lora_A.weight`, `<module>.lora_B.weight`).
 

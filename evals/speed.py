@@ -17,12 +17,11 @@ At batch 1 the unconditional and conditional passes share one forward, so the sp
 from __future__ import annotations
 
 import math
-import resource
 import time
-from pathlib import Path
 
 import torch
 
+from distill.memory import PeakMemory  # noqa: F401  (speed.PeakMemory: the eval's memory probe)
 from evals import models
 
 
@@ -36,48 +35,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
-
-
-class PeakMemory:
-    """Peak memory (MiB) inside a `with` block: CUDA max allocated, else the process's peak RSS."""
-
-    def __init__(self, device):
-        self.device, self.mb, self.kind = str(device), 0.0, ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.resettable = _reset_rss_peak()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_allocated"
-        else:
-            self.mb = _rss_peak_mb()
-            self.kind = "process_peak_rss" if self.resettable else "process_peak_rss_since_start"
-
-
-def _reset_rss_peak() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) of this process."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class StageClock:

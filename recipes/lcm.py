@@ -16,8 +16,9 @@ Guidance: LCM's omega is diffusers' guidance_scale - 1 (cond + omega (cond - unc
 full student is told omega through the embedding diffusers' LCM pipelines feed (`guidance_scale - 1`).
 
 student.kind = full: a copy of the teacher's UNet with a guidance input, and an EMA target network.
-student.kind = lora: LoRA adapters on the teacher's UNet, their own target (under no_grad); the teacher
-pass runs with the adapters disabled, so only one UNet is in memory.
+student.kind = lora: LoRA adapters on the teacher's UNet, their own target (under no_grad) as LCM-LoRA, or
+with `student.ema_decay` an EMA of the adapters (swapped in for the target pass, and the weights saved); the
+teacher pass runs with the adapters disabled, so only one UNet is in memory.
 
 The run folder ends with `student/` (LoRA weights in diffusers format, or the EMA UNet), `samples/`,
 `logs/` (tensorboard), `checkpoints/` and `report.json`; `distill export` turns `student/` into a
@@ -42,11 +43,12 @@ from distill import engine
 from distill.config import TrainConfig
 from distill.consistency import DDIMSolver, consistency_output
 from distill.errors import ConfigError
+from distill.memory import peak_mb
 from distill.losses import l2, pseudo_huber
 from distill.progress import Progress
 from distill.sampling import sample_grid, student_rows
 from distill.student import (
-    LCM_LORA_TARGETS, StudentInfo, adapters_disabled, add_lora, build_full_student, guidance_embedding, load_lora,
+    LCM_LORA_TARGETS, AdapterEMA, StudentInfo, adapters_disabled, add_lora, build_full_student, guidance_embedding, load_lora,
     predict, save_lora,
 )
 from distill.teacher import Teacher
@@ -67,7 +69,7 @@ class DataConfig:
 class StudentConfig:
     kind: Literal["full", "lora"] = "lora"
     time_cond_proj_dim: int = 256  # full: width of the guidance-scale embedding (diffusers' LCD default)
-    ema_decay: float = 0.95  # full: mu of the target network theta^- (LCM)
+    ema_decay: float | None = 0.95  # mu of theta^-: full: EMA target network (LCM); lora: EMA of the adapters, null = itself (LCM-LoRA)
     lora_rank: int = 64  # lora: r (LCM-LoRA)
     lora_alpha: float | None = None  # lora: scale alpha / r; null: alpha = r
     lora_dropout: float = 0.0
@@ -125,6 +127,10 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
         raise ConfigError(
             f"The lcm recipe needs a text-conditioned SD or SDXL teacher; {cfg.teacher} is a {teacher.kind} pipeline."
         )
+    if cfg.student.kind == "full" and cfg.student.ema_decay is None:
+        raise ConfigError("A full student needs student.ema_decay (LCM's target network uses 0.95).")
+    if cfg.student.ema_decay is not None and not 0 <= cfg.student.ema_decay < 1:
+        raise ConfigError(f"student.ema_decay={cfg.student.ema_decay} must be in [0, 1).")
     if not 0 <= cfg.lcd.w_min <= cfg.lcd.w_max:
         raise ConfigError(f"lcd.w_min={cfg.lcd.w_min} and lcd.w_max={cfg.lcd.w_max} must satisfy 0 <= w_min <= w_max.")
     n = cfg.lcd.num_ddim_timesteps
@@ -147,11 +153,15 @@ def student_info(cfg: LcmConfig, teacher: Teacher, step: int) -> StudentInfo:
     )
 
 
-def save_student(folder: Path, student, target, info: StudentInfo, with_online: bool) -> None:
-    """LoRA: diffusers LoRA file. Full: the EMA target as `unet/` (the one to ship), the online net as
-    `unet_online/` in checkpoints (to resume). Plus student.json."""
+def save_student(folder: Path, student, target, info: StudentInfo, with_online: bool, ema=None) -> None:
+    """LoRA: diffusers LoRA file (the adapters' EMA if there is one; the online adapters in `online/` in
+    checkpoints). Full: the EMA target as `unet/` (the one to ship), the online net as `unet_online/` in
+    checkpoints (to resume). Plus student.json."""
     if info.kind == "lora":
-        save_lora(student, folder, info.teacher_kind)
+        with ema.applied() if ema else contextlib.nullcontext():
+            save_lora(student, folder, info.teacher_kind)
+        if ema and with_online:
+            save_lora(student, folder / "online", info.teacher_kind)
     else:
         target.save_pretrained(folder / "unet", safe_serialization=True)
         if with_online:
@@ -159,13 +169,13 @@ def save_student(folder: Path, student, target, info: StudentInfo, with_online: 
     info.save(folder)
 
 
-def checkpoint_hooks(accelerator, target, info: StudentInfo) -> None:
+def checkpoint_hooks(accelerator, target, info: StudentInfo, ema=None) -> None:
     """Checkpoints hold the student in diffusers format (exportable), not accelerate's flat state dict."""
     from diffusers import UNet2DConditionModel
 
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_student(Path(output_dir), accelerator.unwrap_model(models[0]), target, info, with_online=True)
+            save_student(Path(output_dir), accelerator.unwrap_model(models[0]), target, info, True, ema)
         weights.clear()
 
     def load(models, input_dir):
@@ -178,6 +188,9 @@ def checkpoint_hooks(accelerator, target, info: StudentInfo) -> None:
         try:
             if info.kind == "lora":
                 load_lora(student, input_dir, info.teacher_kind)
+                if ema is not None:  # the shipped file holds the average; the online adapters sit beside it
+                    ema.reset()
+                    load_lora(student, Path(input_dir) / "online", info.teacher_kind)
                 return
             for module, name in ((student, "unet_online"), (target, "unet")):
                 module.load_state_dict(UNet2DConditionModel.from_pretrained(Path(input_dir) / name).state_dict())
@@ -242,6 +255,8 @@ def main(cfg: LcmConfig) -> Path:
         params = add_lora(teacher.unet, cfg.student.lora_rank, cfg.student.lora_alpha,
                           cfg.student.lora_target_modules, cfg.student.lora_dropout)
         student = target = teacher.unet
+    ema = AdapterEMA(params, cfg.student.ema_decay) if not full and cfg.student.ema_decay is not None else None
+    target_mode = ema.applied if ema else contextlib.nullcontext  # theta^- = the adapters' EMA, swapped in
     student.train()
     engine.gradient_checkpointing(student, cfg.student.gradient_checkpointing)
     optimizer = engine.make_optimizer(
@@ -252,7 +267,7 @@ def main(cfg: LcmConfig) -> Path:
     online = accelerator.unwrap_model(student)
     teacher_mode = functools.partial(adapters_disabled, online) if not full else contextlib.nullcontext
     info = student_info(cfg, teacher, 0)
-    checkpoint_hooks(accelerator, target, info)
+    checkpoint_hooks(accelerator, target, info, ema)
     next_batch = batches(cfg, teacher, accelerator)  # before the clock starts: max_train_minutes is training time
     step, budget = engine.resume(accelerator, cfg, run_dir, resume_from)
 
@@ -284,7 +299,8 @@ def main(cfg: LcmConfig) -> Path:
                 x0, eps_hat = teacher.to_x0_eps(out.float(), z_t_n_k, t_n_k)
                 z_hat_t_n = solver.step(x0, eps_hat, n)
                 #    Target f_{theta^-}(z_hat_{t_n}, omega, c, t_n), boundary-scaled at t_n.
-                out = predict(target, z_hat_t_n, t_n, c, w_embedding)
+                with target_mode():
+                    out = predict(target, z_hat_t_n, t_n, c, w_embedding)
                 x0 = teacher.to_x0_eps(out.float(), z_hat_t_n, t_n)[0]
                 f_target = consistency_output(z_hat_t_n, x0, t_n, **scalings)
             # 4. L = d(f_theta(z_{t_{n+k}}, omega, c, t_{n+k}), f_{theta^-}(z_hat_{t_n}, omega, c, t_n)).
@@ -301,9 +317,11 @@ def main(cfg: LcmConfig) -> Path:
         train_seconds += time.monotonic() - started
         if not accelerator.sync_gradients:
             continue
-        # 6. theta^- <- mu theta^- + (1 - mu) theta (full student; LCM-LoRA's target is the student itself).
+        # 6. theta^- <- mu theta^- + (1 - mu) theta (LCM-LoRA without an EMA: the target is the student itself).
         if full:
             engine.ema_update_(target, online, cfg.student.ema_decay)
+        elif ema:
+            ema.update()
         step += 1
         done = engine.finished(accelerator, budget, step)
         losses.append(loss.item())
@@ -314,20 +332,23 @@ def main(cfg: LcmConfig) -> Path:
             info.step = step
             engine.checkpoint(accelerator, run_dir, step, budget, cfg.checkpoints_total_limit)
         if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and accelerator.is_main_process:
-            save_samples(cfg, teacher, target, info, run_dir / "samples" / f"step-{step:07d}.png")
+            with target_mode():
+                save_samples(cfg, teacher, target, info, run_dir / "samples" / f"step-{step:07d}.png")
     progress.close()
 
     # --------------------------------------------------------------------------------------- save
     info.step = step
     engine.checkpoint(accelerator, run_dir, step, budget, cfg.checkpoints_total_limit)
     if accelerator.is_main_process:
-        save_student(run_dir / "student", online, target, info, with_online=False)
+        save_student(run_dir / "student", online, target, info, False, ema)
         steps_done = step - first_step
+        memory_mb, memory_kind = peak_mb(device)
         report = {
             "steps": step, "minutes": round(budget.minutes(), 2), "steps_this_session": steps_done,
             "steps_per_second": round(steps_done / train_seconds, 3) if train_seconds else None,
             "samples_per_second": round(steps_done * cfg.train_batch_size * accum * accelerator.num_processes
                                         / train_seconds, 1) if train_seconds else None,
+            "peak_memory_mb": round(memory_mb), "peak_memory_kind": memory_kind,
             "loss_first_50": _mean(losses[:50]), "loss_last_50": _mean(losses[-50:]),
             "loss_by_tenth": [_mean(losses[i * len(losses) // 10:(i + 1) * len(losses) // 10]) for i in range(10)],
         }

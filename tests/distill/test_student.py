@@ -6,6 +6,7 @@ from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline, S
 
 from distill.errors import ModelError
 from distill.student import (
+    AdapterEMA,
     LORA_WEIGHTS, StudentInfo, adapters_disabled, add_lora, build_full_student, guidance_embedding, load_lora,
     lora_state_dict, predict, save_lora,
 )
@@ -101,3 +102,24 @@ def test_bad_targets_and_teachers_are_model_errors(tiny_sd_path, tiny_unet2d_pat
         build_full_student(Teacher.from_pretrained(tiny_unet2d_path).unet)
     with pytest.raises(ModelError, match="student.json"):
         StudentInfo.load(tmp_path)
+
+
+def test_adapter_ema_averages_and_swaps_in_place():
+    layer = torch.nn.Linear(3, 2)
+    params = list(layer.parameters())
+    start = [p.detach().clone() for p in params]
+    ema = AdapterEMA(params, decay=0.9)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    ema.update()  # shadow = 0.9 start + 0.1 (start + 1) = start + 0.1
+    online = [p.detach().clone() for p in params]
+    x = torch.randn(4, 3)
+    with ema.applied():
+        assert list(layer.parameters())[0] is params[0]  # the optimizer's objects, with other values
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, start[0] + 0.1, start[1] + 0.1))
+    for p, o in zip(params, online):
+        assert torch.equal(p, o)  # swapped back exactly
+    ema.reset()
+    for shadow, o in zip(ema.shadow, online):
+        assert torch.equal(shadow, o)

@@ -71,6 +71,9 @@ def test_full_run_on_tiny_sd_v_exports_a_pipeline(tiny_sd_v_path, tmp_path):
     run = main(_cfg(tmp_path, tiny_sd_v_path, "full", gradient_accumulation_steps=2))
     report = _report(run)
     assert report["steps"] == 4 and math.isfinite(report["loss_last_50"])  # 4 optimizer steps of 2 micro-batches
+    # Throughput and memory for the table: 2 micro-batches of 4 per step; the teacher alone is ~MBs.
+    assert report["samples_per_second"] == pytest.approx(8 * report["steps_per_second"], rel=0.02)
+    assert report["peak_memory_kind"] == "process_peak_rss" and report["peak_memory_mb"] > 100
     assert (run / "student" / "unet" / "config.json").is_file() and (run / "config.yaml").is_file()
     assert [c.name for c in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
     assert (run / "checkpoints" / "step-0000004" / "unet_online" / "config.json").is_file()
@@ -131,6 +134,25 @@ def test_lora_resume_loads_the_adapters(tiny_sd_path, tmp_path):
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
 
 
+def test_lora_with_adapter_ema_resumes_both_weight_sets_and_ships_the_average(tiny_sd_path, tmp_path):
+    lora = dict(lora_rank=4, ema_decay=0.5)
+    first = main(_cfg(tmp_path, tiny_sd_path, "lora", student=lora, sample=dict(every_steps=0)))
+    resumed = main(_cfg(tmp_path, tiny_sd_path, "lora", student=lora, max_train_steps=6,
+                        resume_from_checkpoint="latest", sample=dict(every_steps=0)))
+    straight = main(_cfg(tmp_path / "other", tiny_sd_path, "lora", student=lora, max_train_steps=6,
+                         sample=dict(every_steps=0)))
+    assert resumed == first and _report(resumed)["steps_this_session"] == 2
+    for name in (LORA_WEIGHTS, f"online/{LORA_WEIGHTS}"):  # the average (shipped) and the online adapters
+        a = load_file(str(resumed / "checkpoints" / "step-0000006" / name))
+        b = load_file(str(straight / "checkpoints" / "step-0000006" / name))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    shipped = load_file(str(straight / "student" / LORA_WEIGHTS))
+    online = load_file(str(straight / "checkpoints" / "step-0000006" / "online" / LORA_WEIGHTS))
+    assert any(not torch.equal(shipped[k], online[k]) for k in shipped)  # the average, not the last step
+    assert not (straight / "student" / "online").exists()  # the final student is only what ships
+
+
 def test_resuming_a_checkpoint_of_another_student_is_a_config_error(tiny_sd_path, tiny_sd_bert_path, tmp_path):
     run = main(_cfg(tmp_path, tiny_sd_path, "lora", max_train_steps=1, sample=dict(every_steps=0)))
     config = (run / "config.yaml").read_text()
@@ -188,6 +210,11 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
         lcm.check(_cfg(tmp_path, tiny_sd_path, "full", sample=dict(steps=[80])), teacher)
     with pytest.raises(ConfigError, match="SD or SDXL"):
         lcm.check(_cfg(tmp_path, tiny_unet2d_path, "full"), Teacher.from_pretrained(tiny_unet2d_path))
+    with pytest.raises(ConfigError, match="needs student.ema_decay"):
+        lcm.check(_cfg(tmp_path, tiny_sd_path, "full", student=dict(ema_decay=None)), teacher)
+    with pytest.raises(ConfigError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+        lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=1.0)), teacher)
+    lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=None)), teacher)  # LCM-LoRA's own target
 
 
 # -------------------------------------------------------------------------------------------- engine
