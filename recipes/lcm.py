@@ -185,6 +185,7 @@ def checkpoint_hooks(accelerator, target, info: StudentInfo, ema=None) -> None:
                 f"Checkpoint {input_dir} holds a {saved.kind} student of {saved.teacher}, but this run trains a "
                 f"{info.kind} student of {info.teacher}; set resume_from_checkpoint=null or another run_name."
             )
+        _check_resumable(Path(input_dir), saved, info, ema is not None)
         try:
             if info.kind == "lora":
                 load_lora(student, input_dir, info.teacher_kind)
@@ -202,6 +203,18 @@ def checkpoint_hooks(accelerator, target, info: StudentInfo, ema=None) -> None:
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def _check_resumable(folder: Path, saved: StudentInfo, info: StudentInfo, with_ema: bool) -> None:
+    """ConfigError unless the checkpoint was trained on the same solver grid and, for LoRA, the same target."""
+    fix = "set resume_from_checkpoint=null or another run_name"
+    changed = [k for k in ("num_ddim_timesteps", "timestep_scaling") if getattr(saved, k) != getattr(info, k)]
+    if changed:
+        was = ", ".join(f"{k}={getattr(saved, k)}" for k in changed)
+        raise ConfigError(f"Checkpoint {folder} was trained with {was}, this run uses other values; {fix}.")
+    if info.kind == "lora" and (folder / "online").is_dir() != with_ema:
+        raise ConfigError(f"Checkpoint {folder} was trained {'without' if with_ema else 'with'} an EMA of the "
+                          f"adapters (student.ema_decay), this run {'with' if with_ema else 'without'}; {fix}.")
 
 
 def batches(cfg: LcmConfig, teacher: Teacher, accelerator):

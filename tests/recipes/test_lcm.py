@@ -160,6 +160,12 @@ def test_resuming_a_checkpoint_of_another_student_is_a_config_error(tiny_sd_path
     with pytest.raises(ConfigError, match="student of"):
         main(_cfg(tmp_path, tiny_sd_bert_path, "lora", resume_from_checkpoint="latest", sample=dict(every_steps=0)))
     assert (run / "config.yaml").read_text() == config  # the failed resume left the run as it was
+    with pytest.raises(ConfigError, match="num_ddim_timesteps=50"):
+        main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", lcd=dict(num_ddim_timesteps=10),
+                  sample=dict(every_steps=0)))
+    with pytest.raises(ConfigError, match="with an EMA of the adapters"):
+        main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", student=dict(ema_decay=None),
+                  sample=dict(every_steps=0)))
     with pytest.raises(ConfigError, match="lora_rank"):
         main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", student=dict(lora_rank=8),
                   sample=dict(every_steps=0)))
