@@ -264,7 +264,7 @@ DEMO_TEACHER = ROOT / "checkpoints" / "emoji-sd"
 
 
 @main.command()
-@click.option("--minutes", default=5.0, show_default=True, help="Training budget of the LCM-LoRA, in minutes.")
+@click.option("--minutes", default=4.0, show_default=True, help="Training budget of the LCM-LoRA, in minutes.")
 @click.option("--num-samples", "-n", default=1000, show_default=True, help="Images per model and step count.")
 @click.option("--out", default="outputs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Each demo writes a new numbered folder here.")
