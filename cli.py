@@ -281,9 +281,8 @@ def demo(minutes, num_samples, out):
     from evals.run import EvalSettings, run_eval
 
     started = time.monotonic()
-    # Both cores: nothing else runs beside the demo (the YAML's one thread is for a shared machine).
     overrides = [f"max_train_minutes={minutes}", f"output_dir={Path(out) / 'runs'}", "run_name=demo",
-                 "num_threads=null", "sample.every_steps=0", "resume_from_checkpoint=null"]
+                 "sample.every_steps=0", "resume_from_checkpoint=null"]
     _stage(1, f"distill train {DEMO_CONFIG} {' '.join(overrides)}")
     module, cfg = load_recipe(resolve_config_path(DEMO_CONFIG), overrides)
     run_dir = Path(module.main(cfg))
