@@ -128,9 +128,13 @@ def gradient_checkpointing(unet, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def ema_update_(target: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * online, parameter by parameter (in place)."""
-    t_params, o_params = list(target.parameters()), list(online.parameters())
+def ema_update_(target, online, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * online, parameter by parameter (in place).
+
+    target, online: two modules with the same parameters, or two lists of tensors (e.g. LoRA adapters).
+    """
+    t_params, o_params = [list(m.parameters()) if isinstance(m, torch.nn.Module) else list(m)
+                          for m in (target, online)]
     if len(t_params) != len(o_params):
         raise ValueError("EMA target and online model have different parameters.")
     torch._foreach_lerp_(t_params, [p.detach().to(q.dtype) for p, q in zip(o_params, t_params)], 1.0 - decay)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from distill.engine import ema_update_
 from distill.errors import ModelError
 from distill.teacher import Cond
 
@@ -123,7 +124,7 @@ class AdapterEMA:
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- mu shadow + (1 - mu) online."""
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+        ema_update_(self.shadow, self.params, self.decay)
 
     @torch.no_grad()
     def reset(self) -> None:

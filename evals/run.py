@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from distill.errors import ConfigError, DataError
+from distill.memory import PeakMemory
 from evals import models, speed
 
 GRID_PROMPTS = 8
@@ -276,7 +277,7 @@ def generate(cand, steps, prompts, conds, settings, measure, label) -> Generated
         gens = models.sample_generators(settings.seed, idx)
         noise = models.initial_noise(cand, gens)
         clock.start_batch(len(idx))
-        with speed.PeakMemory(device) as memory:  # the model's own memory: the feature net runs outside
+        with PeakMemory(device) as memory:  # the model's own memory: the feature net runs outside
             z = clock.time("loop", models.denoise, cand, steps, conds[b], noise, gens)
             images = clock.time("decode", models.decode, cand, z).cpu()
         peak = {"mb": max(peak["mb"], memory.mb), "kind": memory.kind}

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from distill.memory import PeakMemory  # noqa: F401  (speed.PeakMemory: the eval's memory probe)
+from distill.memory import PeakMemory
 from evals import models
 
 

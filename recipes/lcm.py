@@ -43,13 +43,13 @@ from distill import engine
 from distill.config import TrainConfig
 from distill.consistency import DDIMSolver, consistency_output
 from distill.errors import ConfigError
-from distill.memory import peak_mb
 from distill.losses import l2, pseudo_huber
+from distill.memory import peak_mb
 from distill.progress import Progress
 from distill.sampling import sample_grid, student_rows
 from distill.student import (
-    LCM_LORA_TARGETS, AdapterEMA, StudentInfo, adapters_disabled, add_lora, build_full_student, guidance_embedding, load_lora,
-    predict, save_lora,
+    LCM_LORA_TARGETS, AdapterEMA, StudentInfo, adapters_disabled, add_lora, build_full_student, guidance_embedding,
+    load_lora, predict, save_lora,
 )
 from distill.teacher import Teacher
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from distill.memory import PeakMemory
 from evals import models, speed
 
 
@@ -37,9 +38,9 @@ def test_stage_clock_leaves_the_first_and_a_short_last_batch_out():
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with speed.PeakMemory("cpu") as small:
+    with PeakMemory("cpu") as small:
         pass
-    with speed.PeakMemory("cpu") as big:
+    with PeakMemory("cpu") as big:
         x = torch.ones(64, 2**20)  # 256 MiB, touched
         del x
     assert big.mb > small.mb + 200 and big.kind.startswith("process_peak_rss")
