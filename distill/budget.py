@@ -1,8 +1,11 @@
-"""A training budget in steps and wall-clock minutes: whichever comes first ends the run."""
+"""A training budget in steps and wall-clock minutes: whichever comes first ends the run.
+
+Steps define training (a resumed or re-run job repeats itself); minutes only stop it, because the same job runs
+3-5x slower on a loaded machine. `eta` says which limit binds and when the run will end.
+"""
 
 from __future__ import annotations
 
-import math
 import time
 
 
@@ -12,9 +15,10 @@ class Budget:
     `elapsed_before` carries the minutes spent before a resume, so a resumed run keeps its budget.
     """
 
-    def __init__(self, max_steps: int, max_minutes: float | None, elapsed_before: float = 0.0):
+    def __init__(self, max_steps: int, max_minutes: float | None, elapsed_before: float = 0.0, start_step: int = 0):
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.elapsed_before, self.start = elapsed_before, time.monotonic()
+        self.start_step = start_step
 
     def minutes(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.start) / 60.0
@@ -26,8 +30,15 @@ class Budget:
     def done(self, step: int) -> bool:
         return self.progress(step) >= 1.0
 
-
-def warmup_cosine(progress: float, step: int, warmup_steps: int, floor: float = 0.0) -> float:
-    """LR multiplier: linear warm-up over `warmup_steps`, then cosine from 1 to `floor` over progress."""
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    def eta(self, step: int) -> tuple[float | None, int | None, str]:
+        """(seconds left, expected final step, "steps" | "minutes": the limit that binds) at the session's pace."""
+        seconds = time.monotonic() - self.start
+        done = step - self.start_step
+        if done <= 0 or seconds <= 0:
+            return None, None, "minutes" if self.max_minutes and not self.max_steps else "steps"
+        rate = done / seconds
+        by_steps = (self.max_steps - step) / rate
+        by_time = (self.max_minutes - self.minutes()) * 60.0 if self.max_minutes else float("inf")
+        if by_time < by_steps:
+            return max(by_time, 0.0), step + int(max(by_time, 0.0) * rate), "minutes"
+        return max(by_steps, 0.0), self.max_steps, "steps"

@@ -36,6 +36,41 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2  # older checkpoints are deleted beyond this many
     resume_from_checkpoint: str | None = None  # a checkpoint folder, a run folder, or "latest"
+    report_to: str = "tensorboard"  # accelerate's trackers: tensorboard, wandb, ..., "all" or "none"
+
+
+# Blocks every recipe that needs them declares with the same keys (one definition, here).
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "emoji:32"  # any distill.data source: emoji[:32|64], a local folder/parquet/jsonl/csv, a hub id
+    image_column: str = "image"
+    caption_column: str = "caption"
+    resolution: int = 32  # images are resized and centre-cropped to this square before encoding
+    max_samples: int | None = None  # only the first N rows (smoke runs); null: all
+    cache: bool = True  # encode every image and caption once up front (small, fixed data); false: per batch
+    num_workers: int = 0  # DataLoader workers when not cached
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1.0e-8
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (CUDA only)
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_steps: int = 500
+    lr_floor: float = 0.0  # cosine: the multiplier it ends at
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["grinning face", "dog face", "banana", "flag: France"])
+    steps: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])  # one grid column per step count
+    every_steps: int = 500  # a grid into samples/ every so many steps; 0: only the final one
+    teacher_steps: int | None = 50  # final grid: the teacher at this many steps beside the student; null: none
+    guidance_scale: float | None = None  # pipeline guidance for the student; null: what the student was made for
 
 
 def _type_name(tp: Any) -> str:

@@ -1,11 +1,12 @@
 """Latent consistency distillation math: the skipping-step DDIM solver and the boundary condition.
 
 Luo et al. 2023, "Latent Consistency Models" (arXiv:2310.04378), on Song et al. 2023, "Consistency
-Models" (arXiv:2303.01469). Timesteps are the teacher's integer training timesteps t in [0, T).
+Models" (arXiv:2303.01469). Times are the teacher schedule's (`distill.schedule`): on the VP family the integer
+training timesteps t in [0, T).
 
-- The solver works on N of the T timesteps, k = T // N apart: t_{n+k} in {k-1, 2k-1, ..., T-1}, and one
-  step goes from t_{n+k} to t_n = t_{n+k} - k (0 for the first interval), as diffusers' LCM scripts do.
-  It is DDIM with eta = 0: z_{t_n} = sqrt(abar_{t_n}) x0 + sqrt(1 - abar_{t_n}) eps.
+- The solver works on the schedule's N-point grid: on the VP family t_{n+k} in {k-1, 2k-1, ..., T-1} with
+  k = T // N, and one step goes from t_{n+k} to t_n = t_{n+k} - k (0 for the first interval), as diffusers'
+  LCM scripts do. It is DDIM with eta = 0: z_{t_n} = alpha_{t_n} x0 + sigma_{t_n} eps.
 - The consistency function is f(z_t, t) = c_skip(t) z_t + c_out(t) x0(z_t, t) with
   c_skip = sigma_data^2 / ((s t)^2 + sigma_data^2) and c_out = s t / sqrt((s t)^2 + sigma_data^2)
   (sigma_data = 0.5, timestep scaling s = 10, as diffusers' LCMScheduler), so f(z, 0) = z.
@@ -16,45 +17,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distill.info import SamplerSpec
+
 
 class DDIMSolver:
-    """Skipping-step DDIM over `num_ddim_timesteps` (N) of the teacher's T training timesteps.
+    """Skipping-step DDIM over `num_ddim_timesteps` (N) points of the teacher's schedule grid.
 
-    alphas_cumprod: [T] the teacher's abar_t. Attributes: k (skip), timesteps [N] (t_{n+k}, ascending),
-    prev_timesteps [N] (t_n). An `index` in [0, N) names one interval (t_n, t_{n+k}).
+    schedule: a `distill.schedule` object. Attributes: timesteps [N] (t_{n+k}, ascending), prev_timesteps [N] (t_n).
+    An `index` in [0, N) names one interval (t_n, t_{n+k}).
     """
 
-    def __init__(self, alphas_cumprod: Tensor, num_ddim_timesteps: int = 50):
-        total = len(alphas_cumprod)
-        if not 1 <= num_ddim_timesteps <= total:
-            raise ValueError(f"num_ddim_timesteps must be in [1, {total}], got {num_ddim_timesteps}.")
-        self.num_train_timesteps, self.num_ddim_timesteps = total, num_ddim_timesteps
-        self.k = total // num_ddim_timesteps
-        self.alphas_cumprod = alphas_cumprod.detach().float()
-        self.timesteps = torch.arange(1, num_ddim_timesteps + 1) * self.k - 1
-        self.prev_timesteps = (self.timesteps - self.k).clamp(min=0)
+    def __init__(self, schedule, num_ddim_timesteps: int = 50):
+        self.schedule, self.num_ddim_timesteps = schedule, num_ddim_timesteps
+        self.timesteps = schedule.grid(num_ddim_timesteps)
+        self.prev_timesteps = schedule.previous(self.timesteps, num_ddim_timesteps)
 
     def sample_index(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """n ~ U{0, ..., N-1} per sample: [B] long (on CPU; move it with the batch)."""
         return torch.randint(0, self.num_ddim_timesteps, (batch_size,), generator=generator)
 
     def start(self, index: Tensor) -> Tensor:
-        """t_{n+k} for each index: [B] long."""
+        """t_{n+k} for each index: [B]."""
         return self.timesteps.to(index.device)[index]
 
     def end(self, index: Tensor) -> Tensor:
-        """t_n for each index: [B] long."""
+        """t_n for each index: [B]."""
         return self.prev_timesteps.to(index.device)[index]
 
     def step(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
-        """One DDIM (eta = 0) step from t_{n+k} to t_n given the (guided) x0 and eps: z_{t_n} [B, ...].
+        """One DDIM (eta = 0) step from t_{n+k} to t_n given the (guided) x0 and eps: z_{t_n} = alpha x0 + sigma eps.
 
-        x0, eps: [B, C, H, W]; index: [B]. For index 0 the target time is t = 0, whose abar_0 < 1, as in
-        DDIMScheduler with set_alpha_to_one=False and diffusers' LCM scripts.
+        x0, eps: [B, C, H, W]; index: [B]. For index 0 the target time is t = 0, whose abar_0 < 1 on the VP
+        schedule, as in DDIMScheduler with set_alpha_to_one=False and diffusers' LCM scripts.
         """
-        abar = self.alphas_cumprod.to(x0.device)[self.end(index).to(x0.device)]
-        abar = abar.reshape((-1,) + (1,) * (x0.ndim - 1)).to(x0.dtype)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+        return self.schedule.add_noise(x0, eps, self.end(index).to(x0.device))
 
 
 def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
@@ -87,3 +83,17 @@ def inference_timesteps(num_inference_steps: int, original_steps: int = 50, num_
     grid = (torch.arange(1, original_steps + 1) * k - 1).flip(0)
     index = torch.floor(torch.arange(num_inference_steps, dtype=torch.float64) * original_steps / num_inference_steps)
     return grid[index.long()]
+
+
+def lcm_sampler(num_ddim_timesteps: int, timestep_scaling: float, prediction_type: str, guidance_scale: float,
+                steps: list[int] | None = None) -> SamplerSpec:
+    """LCMScheduler on the teacher's noise schedule with the N and timestep scaling the student was trained with.
+
+    Clipping and thresholding are off: the training targets were never clipped.
+    """
+    return SamplerSpec(
+        scheduler="LCMScheduler", guidance_scale=float(guidance_scale),
+        config=dict(original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling,
+                    prediction_type=prediction_type, clip_sample=False, thresholding=False),
+        steps=[s for s in (steps or [1, 2, 4, 8]) if s <= num_ddim_timesteps],
+    )

@@ -1,72 +1,208 @@
-"""Training plumbing every distillation recipe shares, so that a recipe file only holds its algorithm.
+"""The training engine: one loop that runs every method (`distill.method.Method`), written once.
 
-Run set-up (numbered folder, resolved config, accelerate with tensorboard, resume), the optimizer
-(AdamW, or bitsandbytes' 8-bit AdamW), the learning-rate schedule, gradient checkpointing, an EMA of
-weights, data encoded once (latents + text embeddings) or per batch, per-step random generators that
-make a resumed run draw what an uninterrupted one would, and sample grids.
-Multi-process runs (`accelerate launch --num_processes N`) share one run folder; only the main process writes.
+    run = engine.start_run(cfg)                     # numbered run folder (or the one resumed), seeded
+    method = MyMethod(cfg, run.device)              # the recipe: teacher, student, losses, step
+    engine.fit(run, method, engine.Loop.from_config(cfg))
+
+`fit` owns accelerate (devices, mixed precision, DDP/FSDP/DeepSpeed through `accelerate launch`), resume from the
+newest checkpoint, the step/time budget, gradient accumulation, the learning-rate schedule of every named
+optimizer, clipping, which optimizers step on which iteration, checkpoints of every named module in its natural
+format (plus optimizer, RNG and trainer state), sample grids, tensorboard (or any accelerate tracker), progress
+with the binding budget and an ETA, and `report.json` (throughput, peak memory, losses). A run with stages (the
+teacher's VAE, then its UNet) calls `fit` once per stage, each in its own sub-folder.
+Multi-process runs share one run folder; only the main process writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import json
+import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from distill import runs
-from distill.budget import Budget, warmup_cosine
+from distill.budget import Budget
+from distill.checkpoint import load_module, save_module
 from distill.errors import ConfigError
-from distill.teacher import Cond, Teacher
+from distill.memory import peak_mb
+from distill.optim import lr_multiplier
+from distill.progress import Progress
+from distill.losslog import LossLog
+
+
+@dataclasses.dataclass
+class Run:
+    """A run folder and the settings every stage of it shares."""
+
+    cfg: object
+    dir: Path
+    resume: Path | None  # the checkpoint (or run folder) to go on from; None for a new run
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+
+
+@dataclasses.dataclass
+class Loop:
+    """How one stage trains: its budget, schedule, clipping and cadences."""
+
+    max_steps: int
+    max_minutes: float | None = None
+    batch_size: int = 1  # per process and micro-step, for samples/s
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_floor: float = 0.0
+    max_grad_norm: float | None = None
+    checkpointing_steps: int = 0  # 0: only the final checkpoint
+    checkpoints_total_limit: int | None = 2
+    sample_every: int = 0  # 0: no grids during training
+    seed: int = 0
+    report_to: str = "tensorboard"
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> Loop:
+        """The loop of a `TrainConfig` (with its `optim` and `sample` blocks, where it has them)."""
+        optim, sample = getattr(cfg, "optim", None), getattr(cfg, "sample", None)
+        values = dict(
+            max_steps=cfg.max_train_steps, max_minutes=cfg.max_train_minutes, batch_size=cfg.train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+            checkpointing_steps=cfg.checkpointing_steps, checkpoints_total_limit=cfg.checkpoints_total_limit,
+            seed=cfg.seed, report_to=cfg.report_to, sample_every=sample.every_steps if sample else 0,
+        )
+        if optim is not None:
+            values.update(lr_schedule=optim.lr_schedule, lr_warmup_steps=optim.lr_warmup_steps,
+                          lr_floor=optim.lr_floor, max_grad_norm=optim.max_grad_norm)
+        return cls(**{**values, **overrides})
 
 
 # ------------------------------------------------------------------------------------------- run set-up
-def start_run(cfg, project: str):
-    """(accelerator, run_dir, checkpoint or None): a new numbered run folder, or the one being resumed.
+def start_run(cfg) -> Run:
+    """Seed, then pick the run folder: a new numbered one, or the one `resume_from_checkpoint` names.
 
-    The main process picks the folder; the others are told its path. Tensorboard logs go to `<run_dir>/logs/`.
-    `resume` writes the config once the checkpoint (if any) has loaded.
+    Initial weights drawn from the global generator (LoRA's A, new layers) follow the seed. The main process picks
+    the folder; the others are told its path. The config is written once the first stage has loaded its checkpoint.
     """
-    from accelerate import Accelerator, PartialState
+    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
-    set_seed(cfg.seed)  # initial weights drawn from the global generator (LoRA's A, new layers) follow the seed
+    check_report_to(cfg.report_to)
+    set_seed(cfg.seed)
     state = PartialState()
     paths = [None, None]
     if state.is_main_process:
         run_dir, checkpoint = runs.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.run_name)
-        run_dir = run_dir or runs.new_run_dir(cfg.output_dir, cfg.run_name)
-        paths = [str(run_dir), None if checkpoint is None else str(checkpoint)]
+        paths = [str(run_dir or runs.new_run_dir(cfg.output_dir, cfg.run_name)), checkpoint and str(checkpoint)]
     run_dir, checkpoint = broadcast_object_list(paths)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard", project_dir=run_dir,
-    )
-    accelerator.init_trackers("logs")
-    return accelerator, Path(run_dir), None if checkpoint is None else Path(checkpoint)
+    if state.is_main_process:
+        what = f"resuming {checkpoint}" if checkpoint else "new run"
+        print(f"run folder: {run_dir} ({what}; config.yaml, logs/, samples/, checkpoints/, student/ and report.json "
+              "will be there)", flush=True)
+    return Run(cfg, Path(run_dir), None if checkpoint is None else Path(checkpoint), state.device)
 
 
-def weight_dtype(accelerator) -> torch.dtype:
+def check_report_to(value: str) -> None:
+    """ConfigError now (before any model loads) unless `value` is a tracker accelerate has here, "all" or "none"."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+    if value in ("all", "none") or value in available:
+        return
+    known = f"a tracker accelerate knows ({', '.join(LOGGER_TYPE_TO_CLASS)})" if value not in LOGGER_TYPE_TO_CLASS \
+        else "installed"
+    raise ConfigError(f"report_to={value} is not {known}; installed here: {', '.join(available) or 'none'}, "
+                      "or use all / none (pip install the tracker's package to use it).")
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype frozen weights (teacher, VAE, text encoders) are held in under mixed precision."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def resume(accelerator, cfg, run_dir: Path, checkpoint: Path | None) -> tuple[int, Budget]:
-    """Load `checkpoint` (after `accelerator.prepare`), write the run's `config.yaml`, and return
-    (step, budget) to go on from (cfg.max_train_steps / max_train_minutes, minutes already spent included)."""
-    step, minutes = 0, 0.0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = runs.read_state(checkpoint)
-        step, minutes = state["step"], state.get("minutes", 0.0)
-        accelerator.print(f"resumed from {checkpoint} (step {step})")
+def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Generator:
+    """A CPU generator for one training micro-step: draws depend on (seed, step, process) only, so a resumed
+    run repeats an uninterrupted one and processes draw different batches."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
+    """Train `method` in `run` (or its `stage` sub-folder) until the budget ends; return its report."""
+    folder = run.dir / stage if stage else run.dir
+    accelerator = _accelerator(run, loop)
+    trainable = _prepare(accelerator, method)
+    step, budget = _resume(accelerator, method, run, folder, loop)
+    progress = Progress(stage or method.name, budget, accelerator, samples_per_step=_samples_per_step(accelerator, loop))
+    _say_where(accelerator, run, folder)
+    losses, seconds, first_step = LossLog(), 0.0, step
+    while not _finished(accelerator, budget, step):
+        started = time.monotonic()
+        stepped, values = _iteration(accelerator, method, trainable, loop, budget, step)
+        seconds += time.monotonic() - started
+        method.after_step(step, stepped)
+        step += 1
+        losses.add(values)
+        _log(accelerator, method, stage, values, step)
+        progress.update(step, **values)
+        _cadence(accelerator, method, run, folder, loop, budget, step)
+    progress.close()
+    _checkpoint(accelerator, method, folder, loop, budget, step)
+    report = _report(accelerator, loop, budget, step, first_step, seconds, losses)
     if accelerator.is_main_process:
-        runs.write_config(cfg, run_dir)  # only now: a resume that failed leaves the run's config as it was
-    return step, Budget(cfg.max_train_steps, cfg.max_train_minutes, elapsed_before=minutes)
+        method.save_student(folder / "student", step)
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        method.finish(folder, step)
+        accelerator.print(_closing_line(run, folder, step, budget))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
 
 
-def finished(accelerator, budget: Budget, step: int) -> bool:
+def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step: int):
+    """One optimizer iteration: `gradient_accumulation_steps` micro-steps, then the selected optimizers step."""
+    names = method.optimizers_to_step(step)
+    accum, values = loop.gradient_accumulation_steps, {}
+    for micro in range(accum):
+        generator = step_generator(loop.seed, step * accum + micro, accelerator.process_index)
+        batch = method.batch(generator)
+        with accelerator.accumulate(*trainable):
+            _set_learning_rates(method, names, loop, budget, step)
+            out = method.step(batch, step, generator)
+            total = sum(v for v in out.values() if torch.is_tensor(v) and v.requires_grad)
+            if torch.is_tensor(total):
+                accelerator.backward(total)
+            for name in names:
+                _clip_and_step(accelerator, method.optimizers[name], loop.max_grad_norm)
+            for optimizer in method.optimizers.values():  # no gradient leaks into another phase's step
+                optimizer.zero_grad(set_to_none=True)
+        for k, v in out.items():  # logged: the mean over the micro-steps
+            values[k] = values.get(k, 0.0) + (float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)) / accum
+    return names, values
+
+
+def _clip_and_step(accelerator, optimizer, max_grad_norm: float | None) -> None:
+    if max_grad_norm and accelerator.sync_gradients:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+
+
+def _set_learning_rates(method, names: list[str], loop: Loop, budget: Budget, step: int) -> None:
+    scale = lr_multiplier(loop.lr_schedule, loop.lr_warmup_steps, budget.progress(step), step, loop.lr_floor)
+    for name in names:
+        for group in method.optimizers[name].param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * scale
+
+
+def _finished(accelerator, budget: Budget, step: int) -> bool:
     """`budget.done(step)`, agreed by every process: their clocks differ a little, and one process leaving
     the loop alone would leave the others waiting in a gradient all-reduce."""
     done = budget.done(step)
@@ -76,111 +212,122 @@ def finished(accelerator, budget: Budget, step: int) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def checkpoint(accelerator, run_dir: Path, step: int, budget: Budget, total_limit: int | None) -> Path:
-    return runs.save_checkpoint(accelerator, run_dir, step, {"minutes": budget.minutes()}, total_limit)
+def _cadence(accelerator, method, run: Run, folder: Path, loop: Loop, budget: Budget, step: int) -> None:
+    if loop.checkpointing_steps and step % loop.checkpointing_steps == 0 and not budget.done(step):
+        _checkpoint(accelerator, method, folder, loop, budget, step)  # the last one follows the loop
+    if loop.sample_every and step % loop.sample_every == 0 and accelerator.is_main_process:
+        method.save_samples(folder / "samples" / f"step-{step:07d}.png")
 
 
-def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Generator:
-    """A CPU generator for one training step: draws depend on (seed, step, process) only, so a resumed
-    run repeats an uninterrupted one and processes draw different batches."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
+def _log(accelerator, method, stage: str | None, values: dict, step: int) -> None:
+    prefix = stage or method.name
+    scalars = {f"{prefix}/{k}": v for k, v in values.items()}
+    for name, optimizer in method.optimizers.items():
+        scalars[f"{prefix}/lr_{name}"] = optimizer.param_groups[0]["lr"]
+    accelerator.log(scalars, step=step)
 
 
-# ------------------------------------------------------------------------------------------ optimisation
-def make_optimizer(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
-                   use_8bit: bool = False, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' AdamW8bit (optimizer states in 8 bits) when `use_8bit`."""
-    params = [p for p in params if p.requires_grad]
-    if not use_8bit:
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
-    if torch.device(device).type != "cuda":
-        raise ConfigError(
-            f"8-bit AdamW (optim.use_8bit_adam) runs on CUDA GPUs only and this run is on {device}; "
-            "set optim.use_8bit_adam=false."
-        )
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise ConfigError(
-            "8-bit AdamW (optim.use_8bit_adam) needs bitsandbytes, which is not installed: "
-            "`pip install 'distill[bnb]'`, or set optim.use_8bit_adam=false."
-        ) from err
-    return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+# ------------------------------------------------------------------------------- accelerate and modules
+def _accelerator(run: Run, loop: Loop):
+    """One Accelerator per stage, so each stage's checkpoints hold only its own optimizers."""
+    from accelerate import Accelerator
+
+    trackers = None if loop.report_to == "none" else loop.report_to
+    accelerator = Accelerator(mixed_precision=loop.mixed_precision, log_with=trackers, project_dir=str(run.dir),
+                              gradient_accumulation_steps=loop.gradient_accumulation_steps)
+    if trackers:
+        accelerator.init_trackers("logs")
+    return accelerator
 
 
-def learning_rate(base: float, schedule: str, warmup_steps: int, budget: Budget, step: int) -> float:
-    """Linear warm-up, then constant (`constant`) or cosine to zero over the budget (`cosine`)."""
-    floor = 1.0 if schedule == "constant" else 0.0
-    return base * warmup_cosine(budget.progress(step), step, warmup_steps, floor=floor)
+def _prepare(accelerator, method) -> list:
+    """Wrap trainable modules and every optimizer for accelerate; checkpoints hold every named module."""
+    trainable = []
+    for name in method.trainable():
+        method.modules[name] = accelerator.prepare_model(method.modules[name])
+        trainable.append(method.modules[name])
+    for name, optimizer in method.optimizers.items():
+        method.optimizers[name] = accelerator.prepare_optimizer(optimizer)
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for name, module in method.modules.items():
+                save_module(_unwrap(accelerator, module), Path(output_dir) / "modules" / name)
+        weights.clear()  # accelerate would otherwise write the wrapped models again, flat
+
+    def load(models, input_dir):
+        for name, module in method.modules.items():
+            load_module(_unwrap(accelerator, module), Path(input_dir) / "modules" / name, name)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+    return trainable
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def _unwrap(accelerator, module):
+    return accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
 
 
-def gradient_checkpointing(unet, enabled: bool) -> None:
-    """Recompute activations in the backward pass: less memory, about 30% slower."""
-    if enabled:
-        unet.enable_gradient_checkpointing()
-    elif getattr(unet, "is_gradient_checkpointing", False):
-        unet.disable_gradient_checkpointing()
+def _resume(accelerator, method, run: Run, folder: Path, loop: Loop) -> tuple[int, Budget]:
+    """Load the stage's newest checkpoint when the run is resumed; write the run's config (only now: a resume that
+    failed leaves the run's config as it was). Returns (step, budget) to go on from."""
+    step, minutes = 0, 0.0
+    checkpoint = _checkpoint_to_resume(run, folder)
+    if checkpoint is not None:
+        method.check_resume(checkpoint)
+        accelerator.load_state(str(checkpoint))
+        state = runs.read_state(checkpoint)
+        step, minutes = state["step"], state.get("minutes", 0.0)
+        accelerator.print(f"resumed from {checkpoint} (step {step})")
+    if accelerator.is_main_process:
+        runs.write_config(run.cfg, run.dir)
+    return step, Budget(loop.max_steps, loop.max_minutes, elapsed_before=minutes, start_step=step)
 
 
-@torch.no_grad()
-def ema_update_(target, online, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * online, parameter by parameter (in place).
-
-    target, online: two modules with the same parameters, or two lists of tensors (e.g. LoRA adapters).
-    """
-    t_params, o_params = [list(m.parameters()) if isinstance(m, torch.nn.Module) else list(m)
-                          for m in (target, online)]
-    if len(t_params) != len(o_params):
-        raise ValueError("EMA target and online model have different parameters.")
-    torch._foreach_lerp_(t_params, [p.detach().to(q.dtype) for p, q in zip(o_params, t_params)], 1.0 - decay)
+def _checkpoint_to_resume(run: Run, folder: Path) -> Path | None:
+    """The checkpoint the user named if it belongs to this stage, else the stage's newest one in a resumed run."""
+    if run.resume is None:
+        return None
+    if run.resume.parent.parent == folder:
+        return run.resume
+    found = runs.list_checkpoints(folder)
+    return found[-1] if found else None
 
 
-# ---------------------------------------------------------------------------------------------- data
-@torch.no_grad()
-def encode_batch(teacher: Teacher, pixel_values: Tensor, captions: list[str], resolution: int) -> tuple[Tensor, Cond]:
-    """(latents [B, C, h, w], Cond) for a batch of images in [-1, 1] and their captions (posterior means)."""
-    latents = teacher.encode_images(pixel_values.to(teacher.device))
-    return latents.float(), teacher.encode_prompt(captions, resolution)
+def _checkpoint(accelerator, method, folder: Path, loop: Loop, budget: Budget, step: int) -> Path:
+    def student(partial: Path) -> None:
+        method.save_student(partial / "student", step)
+
+    return runs.save_checkpoint(accelerator, folder, step, {"minutes": budget.minutes()},
+                                loop.checkpoints_total_limit, write=student)
 
 
-@torch.no_grad()
-def encode_dataset(teacher: Teacher, items, resolution: int, batch_size: int = 64) -> tuple[Tensor, Cond]:
-    """Every row of a fixed dataset encoded once: latents [N, C, h, w] (float32) and a Cond of N rows.
-
-    `items` yields {"pixel_values", "caption"} (distill.data.ImageCaptionDataset). Kept on the teacher's device.
-    """
-    latents, conds = [], []
-    for start in range(0, len(items), batch_size):
-        rows = [items[i] for i in range(start, min(start + batch_size, len(items)))]
-        z, cond = encode_batch(teacher, torch.stack([r["pixel_values"] for r in rows]), [r["caption"] for r in rows],
-                               resolution)
-        latents.append(z)
-        conds.append(cond)
-    cond = conds[0]
-    for more in conds[1:]:
-        cond = cond.cat(more)
-    return torch.cat(latents), cond
+# ------------------------------------------------------------------------------------------- reporting
+def _samples_per_step(accelerator, loop: Loop) -> int:
+    return loop.batch_size * loop.gradient_accumulation_steps * accelerator.num_processes
 
 
-def forever(loader) -> Iterator:
-    """Batches from `loader`, epoch after epoch (a DataLoader re-shuffles each epoch)."""
-    while True:
-        yield from loader
+def _report(accelerator, loop: Loop, budget: Budget, step: int, first_step: int, seconds: float,
+            losses: LossLog) -> dict:
+    steps_done = step - first_step
+    memory_mb, memory_kind = peak_mb(accelerator.device)
+    rate = steps_done / seconds if seconds else None
+    return {
+        "steps": step, "minutes": round(budget.minutes(), 2), "steps_this_session": steps_done,
+        "steps_per_second": round(rate, 3) if rate else None,
+        "samples_per_second": round(rate * _samples_per_step(accelerator, loop), 1) if rate else None,
+        "peak_memory_mb": round(memory_mb), "peak_memory_kind": memory_kind,
+        "processes": accelerator.num_processes, "mixed_precision": loop.mixed_precision,
+        **losses.summary(),
+    }
 
 
-# -------------------------------------------------------------------------------------------- outputs
-def save_grid(rows: list[list], path: str | Path) -> Path:
-    """Write PIL images as a PNG grid, one list per row (rows of equal length); small images are
-    upscaled (nearest) to at least 128 px so that a 32 px emoji can be looked at."""
-    from distill.images import grid
+def _say_where(accelerator, run: Run, folder: Path) -> None:
+    logs = f"tensorboard --logdir {run.dir / 'logs'}" if run.cfg.report_to != "none" else "no tracker (report_to=none)"
+    accelerator.print(f"training in {folder}  |  logs: {logs}  |  sample grids: {folder / 'samples'}")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = [image for row in rows for image in row]
-    grid(flat, rows=len(rows), scale=max(1, 128 // flat[0].size[0])).save(path)
-    return path
+
+def _closing_line(run: Run, folder: Path, step: int, budget: Budget) -> str:
+    return (f"done: {step} steps, {budget.minutes():.1f} min  |  student: {folder / 'student'}  |  "
+            f"report: {folder / 'report.json'}  |  checkpoints: {folder / 'checkpoints'}  |  logs: {run.dir / 'logs'}")

@@ -1,59 +1,27 @@
-"""Export a trained consistency student in the formats plain diffusers loads.
+"""Export a trained student in the formats plain diffusers loads, with the sampler it needs and a model card.
 
     distill export RUN_DIR --out DIR [--checkpoint CKPT]
 
 - LoRA student -> DIR/pytorch_lora_weights.safetensors (diffusers LoRA format, every key holds "lora"),
-  which `StableDiffusionPipeline` / `StableDiffusionXLPipeline.load_lora_weights` read and `fuse_lora` fuses,
-  plus DIR/student.json (teacher, scheduler, steps, guidance) and DIR/README.md (how to load it).
-- full student -> DIR is a complete pipeline folder: the teacher's VAE, text encoder(s) and tokenizer(s),
-  the student UNet, and an LCMScheduler built from the teacher's scheduler config; plus student.json and README.md.
+  which the teacher pipeline's `load_lora_weights` reads and `fuse_lora` fuses, plus DIR/student.json.
+- full student -> DIR is a complete pipeline folder: the teacher's VAE, text encoder(s) and tokenizer(s), the
+  student network, and the scheduler its sampler spec names, built from the teacher's scheduler config.
+- Both get DIR/README.md: a model card (base model, tags, the sampler to use, how to load it, the training
+  numbers of the run when there are any), as diffusers' training scripts write.
 
-A run folder holds its final student in `student/`, and every checkpoint holds one in the same layout
-(`checkpoints/step-NNNNNNN/`), so any of them can be exported.
+A run folder holds its final student in `student/`, and every checkpoint holds one in `checkpoints/step-N/student/`,
+so any of them can be exported.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from distill import runs
 from distill.errors import ConfigError, ModelError
-from distill.student import INFO_FILE, LORA_WEIGHTS, StudentInfo
-
-
-def student_folder(run_dir: str | Path, checkpoint: str | Path | int | None = None) -> Path:
-    """The folder holding a run's student: `checkpoint` (a path, a name under checkpoints/ or a step number),
-    else the final `student/`, else the newest checkpoint."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ModelError(f"Run folder {run_dir} does not exist; pass a folder under runs/ (see `distill ls`).")
-    if checkpoint is not None:
-        return _checkpoint_folder(run_dir, checkpoint)
-    if (run_dir / "student" / INFO_FILE).is_file():
-        return run_dir / "student"
-    found = [c for c in runs.list_checkpoints(run_dir) if (c / INFO_FILE).is_file()]
-    if not found:
-        raise ModelError(
-            f"{run_dir} holds no student (no student/ folder and no checkpoint); train it first or pass "
-            "the run folder of a finished or checkpointed LCM run."
-        )
-    return found[-1]
-
-
-def _checkpoint_folder(run_dir: Path, checkpoint) -> Path:
-    text = str(checkpoint)
-    candidates = [Path(text), run_dir / "checkpoints" / text]
-    if text.isdigit():
-        candidates.append(run_dir / "checkpoints" / f"step-{int(text):07d}")
-    for path in candidates:
-        if (path / INFO_FILE).is_file():
-            return path
-    names = ", ".join(c.name for c in runs.list_checkpoints(run_dir)) or "none"
-    raise ModelError(
-        f"Checkpoint {text} is not a student checkpoint of {run_dir} (available: {names}); "
-        "pass one of those names, a step number, or a checkpoint folder."
-    )
+from distill.info import LORA_WEIGHTS, StudentInfo
+from distill.runs import student_folder
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | int | None = None) -> Path:
@@ -73,7 +41,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path 
         shutil.rmtree(out, ignore_errors=True)  # no half-written export that looks finished
         raise
     info.save(out)
-    (out / "README.md").write_text(_readme(info, out))
+    (out / "README.md").write_text(model_card(info, out, _training_numbers(Path(run_dir))))
     return out
 
 
@@ -97,46 +65,53 @@ def _export_lora(source: Path, out: Path) -> None:
 
 
 def _export_full(source: Path, out: Path, info: StudentInfo) -> None:
-    from diffusers import UNet2DConditionModel
-
-    from distill.sampling import lcm_scheduler
     from distill.teacher import Teacher
 
-    try:
-        unet = UNet2DConditionModel.from_pretrained(str(source / "unet"))
-    except Exception as err:  # OSError, ValueError, SafetensorError, ...
-        raise ModelError(f"The student UNet in {source / 'unet'} is missing or corrupt ({err}); "
-                         "export another checkpoint.") from err
     pipe = Teacher.from_pretrained(info.teacher).pipe
-    pipe.unet = unet
-    pipe.scheduler = lcm_scheduler(pipe.scheduler.config, info)
+    try:
+        pipe.unet = type(pipe.unet).from_pretrained(str(source / info.weights))
+    except Exception as err:  # OSError, ValueError, SafetensorError, ...
+        raise ModelError(f"The student network in {source / info.weights} is missing or corrupt ({err}); "
+                         "export another checkpoint.") from err
+    pipe.scheduler = info.sampler.build(pipe.scheduler.config)
     pipe.save_pretrained(str(out), safe_serialization=True)
 
 
-def _readme(info: StudentInfo, out: Path) -> str:
-    cls = "StableDiffusionXLPipeline" if info.teacher_kind == "sdxl" else "StableDiffusionPipeline"
+def _training_numbers(run_dir: Path) -> dict:
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {k: report[k] for k in ("steps", "minutes", "samples_per_second", "peak_memory_mb") if k in report}
+
+
+def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str:
+    """README.md for an export: metadata the hubs read, what it is, the sampler, how to load it, what was measured."""
+    spec, cls = info.sampler, info.pipeline_class
+    settings = ", ".join(f"{k}={v!r}" for k, v in spec.config.items())
     if info.kind == "lora":
-        load = (
-            f'pipe = {cls}.from_pretrained("{info.teacher}")\n'
-            "pipe.scheduler = LCMScheduler.from_config(\n"
-            f"    pipe.scheduler.config, original_inference_steps={info.num_ddim_timesteps}, "
-            f"timestep_scaling={info.timestep_scaling})\n"
-            f'pipe.load_lora_weights("{out}")\n'
-            "pipe.fuse_lora()  # optional: merge the adapters for speed\n"
-        )
-        what = (f"An LCM-LoRA for the teacher `{info.teacher}` (guidance omega in [{info.w_min}, {info.w_max}] "
-                "baked in).")
+        load = (f'pipe = {cls}.from_pretrained("{info.teacher}")\n'
+                f"pipe.scheduler = {spec.scheduler}.from_config(pipe.scheduler.config, {settings})\n"
+                f'pipe.load_lora_weights("{out}")\npipe.fuse_lora()  # optional: merge the adapters for speed\n')
     else:
-        load = f'pipe = {cls}.from_pretrained("{out}")  # scheduler: LCMScheduler\n'
-        what = (f"A latent consistency model distilled from `{info.teacher}`, guidance omega in "
-                f"[{info.w_min}, {info.w_max}] as an input (guidance_scale = omega + 1).")
-    return (
-        f"# Consistency student ({info.kind})\n\n{what}\nTrained {info.step} steps with distill's `lcm` recipe.\n\n"
-        f"```python\nfrom diffusers import LCMScheduler, {cls}\n\n{load}"
-        f'image = pipe("a prompt", num_inference_steps=4, guidance_scale={info.guidance_scale}).images[0]\n```\n\n'
-        "Use 1-8 steps with LCMScheduler. `guidance_scale` matches the teacher at "
-        f"{info.teacher_guidance_scale} when it is {info.guidance_scale}"
-        + (" (a LoRA student has no guidance input: keep it at 1-2; above 1 it adds real CFG and doubles the cost)."
-           if info.kind == "lora" else ".")
-        + "\n"
-    )
+        load = f'pipe = {cls}.from_pretrained("{out}")  # its scheduler is {spec.scheduler}\n'
+    steps = spec.steps[len(spec.steps) // 2] if spec.steps else 4
+    call = f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={spec.guidance_scale:g}).images[0]\n'
+    lines = ["---", f"base_model: {info.teacher}", "library_name: diffusers", "tags:",
+             *[f"- {t}" for t in ("distill", info.method, "lora" if info.kind == "lora" else "text-to-image",
+                                  "few-step")], "---", "",
+             f"# {info.method.upper()} student ({info.kind}) of `{info.teacher}`", "",
+             f"Distilled with distill's `{info.method}` recipe for {info.step} steps from the teacher "
+             f"(`{cls}`, {info.prediction_type}).", "",
+             "## Sampler", "",
+             f"- scheduler: `{spec.scheduler}` built from the teacher's scheduler config with {settings or 'no changes'}",
+             f"- steps: {', '.join(map(str, spec.steps))}; guidance_scale: {spec.guidance_scale:g} (it imitates the "
+             f"teacher at guidance {info.teacher_guidance_scale:g})",
+             *([f"- timesteps: {spec.timesteps}"] if spec.timesteps else []),
+             *([f"- discriminator features: {info.feature_network}"] if info.feature_network else []),
+             "", "```python", f"from diffusers import {spec.scheduler}, {cls}", "", load + call + "```"]
+    if numbers:
+        lines += ["", "## Training", "", *[f"- {k}: {v}" for k, v in numbers.items()]]
+    if info.details:
+        lines += ["", "## Method settings", "", *[f"- {k}: {v}" for k, v in info.details.items()]]
+    return "\n".join(lines) + "\n"

@@ -30,3 +30,19 @@ def is_unguided(guidance_scale: float | Tensor) -> bool:
     if isinstance(guidance_scale, Tensor):
         return bool(torch.all(guidance_scale == 1))
     return guidance_scale == 1.0
+
+
+def guidance_embedding(omega: Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding of 1000 * omega, [B] -> [B, embedding_dim], as diffusers' LCM pipelines build it.
+
+    emb_j = sin(1000 omega f_j) for j < D/2 and cos(...) after, f_j = 10000^(-j / (D/2 - 1)) (Ho et al.'s
+    timestep embedding, VDM's `get_timestep_embedding`); an odd D is zero-padded. omega = guidance_scale - 1.
+    """
+    omega = torch.as_tensor(omega).reshape(-1).float() * 1000.0
+    half = embedding_dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) / (half - 1) * torch.arange(half, dtype=torch.float32))
+    angles = omega[:, None] * freqs.to(omega.device)[None, :]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if embedding_dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)

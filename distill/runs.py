@@ -1,7 +1,9 @@
 """Run folders and checkpoints: numbered, descriptive, never overwritten.
 
-A run lives in `<output_dir>/<NNN>-<recipe>-<config>/` with `config.yaml` (the resolved config),
-`checkpoints/step-<N>/` (accelerate state + `trainer_state.json`) and whatever the recipe writes.
+A run lives in `<output_dir>/<NNN>-<recipe>-<config>/` with `config.yaml` (the resolved config), `logs/`,
+`checkpoints/step-<N>/` and whatever the recipe writes; a run with stages has `<stage>/checkpoints/` instead.
+A checkpoint holds `modules/<name>/` (each named module in its natural format), accelerate's optimizer and RNG
+states, `student/` (the shippable student, where the method has one) and `trainer_state.json` (step, minutes).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, ModelError
+from distill.info import INFO_FILE
 
 _RUN = re.compile(r"^(\d{3,})-(.+)$")
 _CKPT = re.compile(r"^step-(\d+)$")
@@ -82,8 +85,10 @@ def resolve_resume(spec: str | None, output_dir: str | Path, name: str) -> tuple
     )
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict, total_limit: int | None) -> Path:
-    """Write accelerate's state + trainer_state.json atomically, then prune the oldest beyond the limit."""
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict, total_limit: int | None,
+                    write=None) -> Path:
+    """Write accelerate's state (and `write(folder)`'s files) + trainer_state.json into a partial folder, rename it
+    into place, then prune the oldest beyond the limit."""
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
@@ -91,6 +96,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict, to
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
     if accelerator.is_main_process:
+        if write is not None:
+            write(partial)
         (partial / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -106,3 +113,38 @@ def write_config(cfg, run_dir: str | Path) -> Path:
     from distill.config import save_config
 
     return save_config(cfg, Path(run_dir) / "config.yaml")
+
+
+def student_folder(run_dir: str | Path, checkpoint: str | Path | int | None = None) -> Path:
+    """The folder holding a run's student: `checkpoint` (a path, a name under checkpoints/ or a step number),
+    else the final `student/`, else the newest checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelError(f"Run folder {run_dir} does not exist; pass a folder under runs/ (see `distill ls`).")
+    if checkpoint is not None:
+        return _checkpoint_folder(run_dir, checkpoint)
+    if (run_dir / "student" / INFO_FILE).is_file():
+        return run_dir / "student"
+    found = [c / "student" for c in list_checkpoints(run_dir) if (c / "student" / INFO_FILE).is_file()]
+    if not found:
+        raise ModelError(
+            f"{run_dir} holds no student (no student/ folder and no checkpoint); train it first or pass "
+            "the run folder of a finished or checkpointed distillation run."
+        )
+    return found[-1]
+
+
+def _checkpoint_folder(run_dir: Path, checkpoint) -> Path:
+    text = str(checkpoint)
+    candidates = [Path(text), run_dir / "checkpoints" / text]
+    if text.isdigit():
+        candidates.append(run_dir / "checkpoints" / f"step-{int(text):07d}")
+    for path in candidates:
+        for folder in (path / "student", path):  # a checkpoint, or its student/ folder
+            if (folder / INFO_FILE).is_file():
+                return folder
+    names = ", ".join(c.name for c in list_checkpoints(run_dir)) or "none"
+    raise ModelError(
+        f"Checkpoint {text} is not a student checkpoint of {run_dir} (available: {names}); "
+        "pass one of those names, a step number, or a checkpoint folder."
+    )

@@ -19,35 +19,32 @@ from torch import Tensor
 
 from distill.consistency import consistency_output, inference_timesteps
 from distill.errors import ConfigError, ModelError
-from distill.student import INFO_FILE, LORA_WEIGHTS, StudentInfo, guidance_embedding, predict
+from distill.images import save_grid
+from distill.info import INFO_FILE, LORA_WEIGHTS, StudentInfo
+from distill.runs import student_folder
 from distill.teacher import Cond, Teacher
 
 
 @torch.no_grad()
 def lcm_sample(
-    unet, teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, guidance_scale: float = 1.0,
+    student, teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, guidance_scale: float = 1.0,
     original_steps: int = 50, timestep_scaling: float = 10.0, resolution: int | None = None,
 ) -> Tensor:
-    """Images [B, 3, H, W] in about [-1, 1] from the student `unet` for the B conditions in `cond`.
+    """Images [B, 3, H, W] in about [-1, 1] from a `distill.student.Student` for the B conditions in `cond`.
 
-    A UNet with `time_cond_proj_dim` (full student) gets omega = guidance_scale - 1 as its guidance input;
-    the teacher's own LoRA'd UNet gets classifier-free guidance when guidance_scale != 1, as a pipeline does.
+    A student with a guidance input (full LCM) gets omega = guidance_scale - 1 as that input; one without (a LoRA)
+    gets classifier-free guidance when guidance_scale != 1, as a pipeline does.
     """
     device, batch = teacher.device, len(cond)
     z = torch.randn((batch, *teacher.latent_shape(resolution)), generator=generator).to(device)
-    w_embedding = None
-    if getattr(unet.config, "time_cond_proj_dim", None):
-        omega = torch.full((batch,), guidance_scale - 1.0)
-        w_embedding = guidance_embedding(omega, unet.config.time_cond_proj_dim).to(device)
-    elif unet is not teacher.unet and guidance_scale != 1.0:
-        raise ValueError("A UNet without a guidance input samples with guidance_scale 1 (or is the teacher's own).")
     timesteps = inference_timesteps(steps, original_steps, teacher.num_train_timesteps)
     for i, t in enumerate(timesteps.tolist()):
         t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
-        if w_embedding is not None:  # a full student may be held in another dtype than the teacher
-            out = predict(unet, z.to(unet.dtype), t_batch, cond.to(dtype=unet.dtype), w_embedding.to(unet.dtype))
+        if student.guidance_dim:  # a full student may be held in another dtype than the teacher
+            dtype = student.network.dtype
+            out = student(z.to(dtype), t_batch, cond.to(dtype=dtype), torch.full((batch,), guidance_scale - 1.0))
         else:
-            out = teacher.guided(z, t_batch, cond, guidance_scale)
+            out = teacher.guided(z, t_batch, cond, guidance_scale, network=student.network)
         x0, _ = teacher.to_x0_eps(out.float(), z.float(), t_batch)
         z = consistency_output(z.float(), x0, t_batch, timestep_scaling=timestep_scaling)
         if i + 1 < len(timesteps):
@@ -67,30 +64,14 @@ def student_rows(unet, teacher: Teacher, prompts: list[str], steps: Sequence[int
 
 
 # -------------------------------------------------------------------------------------- plain diffusers
-def lcm_scheduler(teacher_scheduler_config, info: StudentInfo):
-    """LCMScheduler on the teacher's noise schedule, with the N and timestep scaling the student was trained with.
-
-    Clipping and thresholding are off: the training targets were never clipped.
-    """
-    from diffusers import LCMScheduler
-
-    return LCMScheduler.from_config(
-        teacher_scheduler_config, original_inference_steps=info.num_ddim_timesteps,
-        timestep_scaling=info.timestep_scaling, prediction_type=info.prediction_type,
-        clip_sample=False, thresholding=False,
-    )
-
-
 def load_student_pipeline(source: str | Path, teacher_pipe=None, device: str | torch.device | None = None):
-    """(pipeline with LCMScheduler, StudentInfo) from a run folder, a LoRA export or a pipeline export.
+    """(pipeline with the student's own scheduler, StudentInfo) from a run folder, a LoRA export or a pipeline export.
 
     `teacher_pipe`: an already loaded teacher pipeline to build on (for LoRA and run folders); it is changed
     in place. Loads through plain diffusers: `load_lora_weights`, `UNet2DConditionModel.from_pretrained`,
     `DiffusionPipeline.from_pretrained`. device: where to run (default: CUDA if there is one, else CPU).
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-
-    from distill.export import student_folder
+    from diffusers import DiffusionPipeline
 
     source = Path(source)
     if (source / "model_index.json").is_file():
@@ -104,8 +85,8 @@ def load_student_pipeline(source: str | Path, teacher_pipe=None, device: str | t
     if info.kind == "lora":
         pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
     else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).to(pipe.device, pipe.unet.dtype)
-    pipe.scheduler = lcm_scheduler(pipe.scheduler.config, info)
+        pipe.unet = type(pipe.unet).from_pretrained(str(folder / info.weights)).to(pipe.device, pipe.unet.dtype)
+    pipe.scheduler = info.sampler.build(pipe.scheduler.config)
     return pipe, info
 
 
@@ -140,8 +121,6 @@ def sample_grid(
     """
     from diffusers import DiffusionPipeline
 
-    from distill.engine import save_grid
-
     prompts = list(prompts)
     if not prompts:
         raise ConfigError("sample_grid needs at least one prompt; pass prompts or a prompt file.")
@@ -170,8 +149,6 @@ def sample_grid(
 
 
 def _info_folder(source: Path) -> Path:
-    from distill.export import student_folder
-
     if (source / INFO_FILE).is_file():
         return source
     return student_folder(source)

@@ -12,7 +12,6 @@ The result is the teacher every recipe distils, so the code path that serves SD 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -21,25 +20,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from distill import data as data_lib
-from distill import offline, runs
-from distill.budget import Budget, warmup_cosine
-from distill.config import TrainConfig
+from distill import engine, offline
+from distill.config import DataConfig, TrainConfig
+from distill.method import Method
 from distill.text import encode_text, load_minilm
-from distill.progress import Progress
-
-
-@dataclass
-class DataConfig:
-    source: str = "emoji:32"  # the committed emoji parquet at 32 px; any datasets source works
-    image_column: str = "image"
-    caption_column: str = "caption"
-    resolution: int = 32  # training images are resized/cropped to this square
-    max_samples: int | None = None  # use only the first N rows (quick tests); null for all
 
 
 @dataclass
@@ -110,61 +98,49 @@ def build_vae(cfg: VaeConfig) -> AutoencoderKL:
     )
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)), per sample [B]."""
     posterior = vae.encode(x).latent_dist
-    recon = vae.decode(posterior.sample()).sample
+    recon = vae.decode(posterior.sample(generator)).sample
     return (recon - x).abs().mean(dim=(1, 2, 3)) + kl_weight * posterior.kl()
 
 
-def stage_accelerator(cfg: TeacherConfig, run_dir: Path) -> Accelerator:
-    """One Accelerator per stage, so each stage's checkpoints hold only its own model and optimizer."""
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with="tensorboard", project_dir=str(run_dir),
-                       gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+class AutoencoderStage(Method):
+    """Stage 1: the VAE, L1 + tiny KL, on batches of the cached images."""
+
+    name = "vae"
+
+    def __init__(self, cfg: TeacherConfig, images: torch.Tensor, device):
+        super().__init__()
+        self.cfg, self.images = cfg.vae, images
+        self.modules["vae"] = build_vae(cfg.vae).to(device)
+        self.optimizers["vae"] = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae.learning_rate)
+
+    def batch(self, generator):
+        idx = torch.randint(len(self.images), (self.cfg.batch_size,), generator=generator)
+        return self.images[idx]
+
+    def step(self, x, iteration, generator):
+        device = next(self.vae.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
+            return {"loss": vae_loss(self.vae, x.to(device), self.cfg.kl_weight, generator).mean()}
+
+    def loop(self, teacher_cfg: TeacherConfig) -> engine.Loop:
+        """Its own budget and batch; warm-up 100 steps, cosine to 5%, no clipping."""
+        return engine.Loop.from_config(
+            teacher_cfg, max_steps=self.cfg.max_train_steps, max_minutes=self.cfg.max_train_minutes,
+            batch_size=self.cfg.batch_size, lr_schedule="cosine", lr_warmup_steps=100, lr_floor=0.05)
 
 
-def train_vae(cfg: TeacherConfig, images: torch.Tensor, run_dir: Path) -> AutoencoderKL:
-    stage_dir = run_dir / "vae"
-    final = stage_dir / "final"
+def train_vae(cfg: TeacherConfig, images: torch.Tensor, run: engine.Run) -> AutoencoderKL:
+    final = run.dir / "vae" / "final"
     if (final / "config.json").is_file():
         print(f"VAE stage already finished: {final}")
         return AutoencoderKL.from_pretrained(final)
-    accelerator = stage_accelerator(cfg, run_dir)
-    vae = build_vae(cfg.vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae.learning_rate)
-    vae, optimizer = accelerator.prepare(vae, optimizer)
-    step, budget = resume_stage(accelerator, stage_dir, cfg.vae.max_train_steps, cfg.vae.max_train_minutes)
-    generator = torch.Generator().manual_seed(cfg.seed + step)
-    progress = Progress("vae", cfg.vae.max_train_steps, accelerator)
-    while not budget.done(step):
-        idx = torch.randint(len(images), (cfg.vae.batch_size,), generator=generator)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.vae.learning_rate * warmup_cosine(budget.progress(step), step, 100, floor=0.05)
-        with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.vae.bf16_autocast):
-            loss = vae_loss(vae, images[idx].to(accelerator.device), cfg.vae.kl_weight).mean()
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        progress.update(step, loss=loss.item(), minutes=budget.minutes())
-        if step % cfg.checkpointing_steps == 0:
-            runs.save_checkpoint(accelerator, stage_dir, step, {"minutes": budget.minutes()}, cfg.checkpoints_total_limit)
-    progress.close()
-    runs.save_checkpoint(accelerator, stage_dir, step, {"minutes": budget.minutes()}, cfg.checkpoints_total_limit)
-    vae = accelerator.unwrap_model(vae).eval()
-    vae.save_pretrained(stage_dir / "raw")
-    return vae
-
-
-def resume_stage(accelerator: Accelerator, stage_dir: Path, max_steps: int, max_minutes: float | None):
-    """Load the stage's newest checkpoint, if any; return (step, budget) to go on from."""
-    ckpts = runs.list_checkpoints(stage_dir)
-    if not ckpts:
-        return 0, Budget(max_steps, max_minutes)
-    accelerator.load_state(str(ckpts[-1]))
-    state = runs.read_state(ckpts[-1])
-    accelerator.print(f"resumed {stage_dir.name} from {ckpts[-1]} (step {state['step']})")
-    return state["step"], Budget(max_steps, max_minutes, elapsed_before=state.get("minutes", 0.0))
+    stage = AutoencoderStage(cfg, images, run.device)
+    engine.fit(run, stage, stage.loop(cfg), stage="vae")
+    return stage.unwrapped("vae").eval()
 
 
 @torch.no_grad()
@@ -236,52 +212,55 @@ def diffusion_loss(unet, scheduler, z0, text, t, eps, snr_gamma):
     return loss * torch.clamp(snr, max=snr_gamma) / denom
 
 
-def train_unet(cfg, moments, text_states, empty_state, run_dir) -> UNet2DConditionModel:
-    stage_dir = run_dir / "unet"
-    accelerator = stage_accelerator(cfg, run_dir)
-    accelerator.init_trackers("teacher")
-    unet = build_unet(cfg.unet, text_states.shape[-1], moments.shape[-1])
-    scheduler = build_scheduler(cfg.unet)
-    ema = EMAModel(unet.parameters(), decay=cfg.unet.ema_decay, use_ema_warmup=True, power=2 / 3)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.unet.weight_decay)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(ema)
-    step, budget = resume_stage(accelerator, stage_dir, cfg.max_train_steps, cfg.max_train_minutes)
-    generator = torch.Generator().manual_seed(cfg.seed + step)
-    progress = Progress("unet", cfg.max_train_steps, accelerator)
-    while not budget.done(step):
+class DenoiserStage(Method):
+    """Stage 2: the UNet on cached latents and text states; v-prediction, min-SNR weighting, caption dropout, EMA."""
+
+    name = "unet"
+
+    def __init__(self, cfg: TeacherConfig, moments, text_states, empty_state, device):
+        super().__init__()
+        self.cfg, self.moments, self.text_states, self.empty_state = cfg, moments, text_states, empty_state
+        torch.manual_seed(cfg.seed + 1)  # the same initial UNet whether or not the VAE stage ran in this process
+        unet = build_unet(cfg.unet, text_states.shape[-1], moments.shape[-1]).to(device)
+        self.scheduler = build_scheduler(cfg.unet)
+        self.modules["unet"] = unet
+        self.modules["ema"] = EMAModel(unet.parameters(), decay=cfg.unet.ema_decay, use_ema_warmup=True, power=2 / 3)
+        self.optimizers["unet"] = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate,
+                                                    weight_decay=cfg.unet.weight_decay)
+
+    def batch(self, generator):
         # 1. a batch of cached latents: sample z0 ~ q(z | x) from the stored mean and std
-        idx = torch.randint(len(moments), (cfg.train_batch_size,), generator=generator)
-        mean, std = moments[idx].chunk(2, dim=1)
+        idx = torch.randint(len(self.moments), (self.cfg.train_batch_size,), generator=generator)
+        mean, std = self.moments[idx].chunk(2, dim=1)
         z0 = mean + std * torch.randn(mean.shape, generator=generator)
         # 2. caption dropout: some samples see the empty prompt, so CFG has an unconditional model
-        drop = torch.rand(len(idx), generator=generator) < cfg.unet.caption_dropout
-        text = torch.where(drop[:, None, None], empty_state, text_states[idx])
-        # 3. noise and timesteps, then the weighted denoising loss
+        drop = torch.rand(len(idx), generator=generator) < self.cfg.unet.caption_dropout
+        text = torch.where(drop[:, None, None], self.empty_state, self.text_states[idx])
+        # 3. noise and timesteps
         eps = torch.randn(z0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
-        with accelerator.accumulate(unet):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * warmup_cosine(budget.progress(step), step, cfg.unet.warmup_steps)
-            loss = diffusion_loss(unet, scheduler, *(v.to(accelerator.device) for v in (z0, text, t, eps)),
-                                  cfg.unet.snr_gamma).mean()
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        ema.step(unet.parameters())
-        step += 1
-        progress.update(step, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], minutes=budget.minutes())
-        accelerator.log({"unet/loss": loss.item()}, step=step)
-        if step % cfg.checkpointing_steps == 0:
-            runs.save_checkpoint(accelerator, stage_dir, step, {"minutes": budget.minutes()}, cfg.checkpoints_total_limit)
-    progress.close()
-    runs.save_checkpoint(accelerator, stage_dir, step, {"minutes": budget.minutes()}, cfg.checkpoints_total_limit)
-    unet = accelerator.unwrap_model(unet)
-    ema.copy_to(unet.parameters())
-    accelerator.end_training()
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=generator)
+        return z0, text, t, eps
+
+    def step(self, batch, iteration, generator):
+        device = next(self.unet.parameters()).device
+        # 4. the min-SNR weighted denoising loss, per sample, averaged over the batch
+        loss = diffusion_loss(self.unet, self.scheduler, *(v.to(device) for v in batch), self.cfg.unet.snr_gamma)
+        return {"loss": loss.mean()}
+
+    def after_step(self, iteration, stepped):
+        self.ema.step(self.unet.parameters())
+
+    def loop(self) -> engine.Loop:
+        """The run's budget; warm-up, then cosine to zero; gradients clipped at 1."""
+        return engine.Loop.from_config(self.cfg, lr_schedule="cosine", lr_warmup_steps=self.cfg.unet.warmup_steps,
+                                       max_grad_norm=1.0)
+
+
+def train_unet(cfg, moments, text_states, empty_state, run: engine.Run) -> UNet2DConditionModel:
+    stage = DenoiserStage(cfg, moments, text_states, empty_state, run.device)
+    engine.fit(run, stage, stage.loop(), stage="unet")
+    unet = stage.unwrapped("unet")
+    stage.ema.copy_to(unet.parameters())
     return unet.eval()
 
 
@@ -313,34 +292,30 @@ def assemble(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer) -> StableDi
 def main(cfg: TeacherConfig) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    run_dir, _ = runs.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.run_name)
-    run_dir = run_dir or runs.new_run_dir(cfg.output_dir, cfg.run_name)
-    cfg_path = runs.write_config(cfg, run_dir)
-    print(f"run folder: {run_dir} (config: {cfg_path})")
-    torch.manual_seed(cfg.seed)
+    run = engine.start_run(cfg)
     images, captions = load_images(cfg.data)
     report = {"images": len(images), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    vae = train_vae(cfg, images, run_dir)
-    if not (run_dir / "vae" / "final" / "config.json").is_file():
+    vae = train_vae(cfg, images, run)
+    if not (run.dir / "vae" / "final" / "config.json").is_file():
         report["vae"] = center_latents(vae, images) | {"psnr_db": psnr(vae, images)}
-        vae.save_pretrained(run_dir / "vae" / "final")
-        (run_dir / "vae" / "final" / "stats.json").write_text(json.dumps(report["vae"], indent=2))
+        vae.save_pretrained(run.dir / "vae" / "final")
+        (run.dir / "vae" / "final" / "stats.json").write_text(json.dumps(report["vae"], indent=2))
     if cfg.stage == "vae":
-        return run_dir
+        return run.dir
 
     tokenizer, text_encoder = load_minilm(cfg.text_max_length)
     moments = encode_moments(vae, images)
     text_states = encode_text(tokenizer, text_encoder, captions)
     empty_state = encode_text(tokenizer, text_encoder, [""])
-    unet = train_unet(cfg, moments, text_states, empty_state, run_dir)
-    if Accelerator().is_main_process:
+    unet = train_unet(cfg, moments, text_states, empty_state, run)
+    if run.is_main:
         pipe = assemble(cfg, vae, unet, text_encoder, tokenizer)
-        save_sample_grid(pipe, cfg, run_dir / "samples.png")
+        save_sample_grid(pipe, cfg, run.dir / "samples.png")
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+        (run.dir / "report.json").write_text(json.dumps(report, indent=2))
         print(f"teacher written to {cfg.teacher}")
-    return run_dir
+    return run.dir
 
 
 def save_sample_grid(pipe, cfg: TeacherConfig, path: Path) -> None:

@@ -5,7 +5,8 @@ import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
 from distill import prediction
-from distill.consistency import DDIMSolver, boundary_scalings, consistency_output, inference_timesteps
+from distill.consistency import DDIMSolver, boundary_scalings, consistency_output, inference_timesteps, lcm_sampler
+from distill.schedule import FlowSchedule, VPSchedule
 
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -15,8 +16,8 @@ def _randn(*shape, seed=0):
 
 
 def test_solver_timesteps_are_the_skipping_grid():
-    solver = DDIMSolver(DDIMScheduler(**SD_BETAS).alphas_cumprod, 50)
-    assert solver.k == 20 and solver.timesteps[0] == 19 and solver.timesteps[-1] == 999
+    solver = DDIMSolver(VPSchedule(DDIMScheduler(**SD_BETAS).alphas_cumprod), 50)
+    assert solver.timesteps[0] == 19 and solver.timesteps[-1] == 999
     index = torch.tensor([0, 1, 49])
     assert solver.start(index).tolist() == [19, 39, 999]
     assert solver.end(index).tolist() == [0, 19, 979]  # t_n = t_{n+k} - k, clamped at 0
@@ -30,13 +31,13 @@ def test_solver_step_matches_ddim_scheduler(prediction_type):
     scheduler = DDIMScheduler(**SD_BETAS, prediction_type=prediction_type, clip_sample=False,
                               set_alpha_to_one=False, timestep_spacing="trailing")
     scheduler.set_timesteps(50)
-    abar = scheduler.alphas_cumprod
-    solver = DDIMSolver(abar, 50)
+    schedule = VPSchedule(scheduler.alphas_cumprod)
+    solver = DDIMSolver(schedule, 50)
     assert sorted(scheduler.timesteps.tolist()) == solver.timesteps.tolist()
     x0, eps = _randn(2, 4, 8, 8, seed=1), _randn(2, 4, 8, 8, seed=2)
     for n in (0, 1, 13, 49):
         t = int(solver.timesteps[n])
-        alpha, sigma = prediction.alpha_sigma(abar, torch.tensor([t, t]), 4)
+        alpha, sigma = schedule.alpha_sigma(torch.tensor([t, t]), x0)
         z_t = prediction.add_noise(x0, eps, alpha, sigma)
         output = prediction.from_x0_eps(x0, eps, alpha, sigma, prediction_type)
         expected = scheduler.step(output, t, z_t, eta=0.0).prev_sample
@@ -73,3 +74,28 @@ def test_inference_timesteps_match_lcm_scheduler(original_steps):
         assert inference_timesteps(steps, original_steps).tolist() == scheduler.timesteps.tolist()
     with pytest.raises(ValueError):
         inference_timesteps(0)
+
+
+def test_solver_on_a_flow_schedule_is_flow_match_euler():
+    """The same solver on a flow-matching schedule: one step is FlowMatchEulerDiscreteScheduler's Euler step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    schedule = FlowSchedule(shift=3.0)
+    solver = DDIMSolver(schedule, 4)
+    x0, eps = _randn(2, 4, 8, 8, seed=1), _randn(2, 4, 8, 8, seed=2)
+    for n in (1, 3):  # ascending index n is the scheduler's step 3 - n
+        sigma = solver.start(torch.tensor([n, n]))
+        z_t = schedule.add_noise(x0, eps, sigma)
+        scheduler._step_index = 3 - n
+        expected = scheduler.step(eps - x0, scheduler.timesteps[3 - n], z_t).prev_sample
+        torch.testing.assert_close(solver.step(x0, eps, torch.tensor([n, n])), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lcm_sampler_builds_the_lcm_scheduler_of_the_teacher_schedule():
+    spec = lcm_sampler(10, 10.0, "v_prediction", 1.0, steps=[1, 2, 4, 8, 16])
+    scheduler = spec.build(DDIMScheduler(**SD_BETAS, prediction_type="v_prediction").config)
+    assert isinstance(scheduler, LCMScheduler) and spec.steps == [1, 2, 4, 8]
+    assert scheduler.config.original_inference_steps == 10 and scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.beta_schedule == "scaled_linear" and not scheduler.config.clip_sample

@@ -15,9 +15,12 @@ from PIL import Image
 from safetensors import safe_open
 
 from distill.errors import ConfigError, ModelError
-from distill.export import export_run, student_folder
+from distill.consistency import lcm_sampler
+from distill.export import export_run
+from distill.info import LORA_WEIGHTS, StudentInfo
+from distill.runs import student_folder
 from distill.sampling import lcm_sample, load_student_pipeline, sample_grid
-from distill.student import LORA_WEIGHTS, StudentInfo, add_lora, build_full_student, save_lora
+from distill.student import FullStudent, LoraStudent
 from distill.teacher import Teacher
 
 PROMPTS = ["a smiling face", "red heart"]
@@ -26,9 +29,11 @@ ATOL = 1e-5  # images in [0, 1]; measured: identical, 4e-7 after fuse_lora (summ
 
 
 def _info(teacher, path, kind, guidance_scale=1.0):
-    return StudentInfo(kind=kind, teacher=str(path), teacher_kind=teacher.kind, prediction_type=teacher.prediction_type,
-                       num_ddim_timesteps=50, timestep_scaling=10.0, w_min=1.0, w_max=3.0,
-                       guidance_scale=guidance_scale, teacher_guidance_scale=3.0, step=5)
+    return StudentInfo(kind=kind, teacher=str(path), teacher_kind=teacher.kind,
+                       pipeline_class=type(teacher.pipe).__name__, prediction_type=teacher.prediction_type,
+                       sampler=lcm_sampler(50, 10.0, teacher.prediction_type, guidance_scale),
+                       teacher_guidance_scale=3.0, step=5,
+                       details=dict(num_ddim_timesteps=50, timestep_scaling=10.0, w_min=1.0, w_max=3.0))
 
 
 def _randomise(module, pattern, std, seed=0):
@@ -39,9 +44,9 @@ def _randomise(module, pattern, std, seed=0):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def _ours(unet, teacher, steps, guidance_scale=1.0):
+def _ours(student, teacher, steps, guidance_scale=1.0):
     cond = teacher.encode_prompt(PROMPTS)
-    images = lcm_sample(unet, teacher, cond, steps, torch.Generator().manual_seed(SEED), guidance_scale)
+    images = lcm_sample(student, teacher, cond, steps, torch.Generator().manual_seed(SEED), guidance_scale)
     return ((images + 1) / 2).clamp(0, 1)
 
 
@@ -53,28 +58,30 @@ def _theirs(pipe, steps, guidance_scale=1.0):
 
 def _lora_run(tmp_path, teacher_path):
     teacher = Teacher.from_pretrained(teacher_path)
-    add_lora(teacher.unet, rank=4)
+    student = LoraStudent(teacher, rank=4)
     _randomise(teacher.unet, "lora_B", 0.05)
     folder = tmp_path / "run" / "student"
-    save_lora(teacher.unet, folder, teacher.kind)
+    student.save_weights(folder)
     _info(teacher, teacher_path, "lora").save(folder)
-    return teacher, tmp_path / "run"
+    return student, tmp_path / "run"
 
 
 @pytest.mark.parametrize("fixture, pipeline_cls", [("tiny_sd_path", StableDiffusionPipeline),
                                                    ("tiny_sdxl_path", StableDiffusionXLPipeline)])
 def test_lora_export_gives_the_toolkit_images_in_plain_diffusers(request, tmp_path, fixture, pipeline_cls):
     teacher_path = request.getfixturevalue(fixture)
-    teacher, run = _lora_run(tmp_path, teacher_path)
+    student, run = _lora_run(tmp_path, teacher_path)
+    teacher = student.teacher
     out = export_run(run, tmp_path / "export")
     with safe_open(str(out / LORA_WEIGHTS), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all("lora" in k for k in keys)
     info = json.loads((out / "student.json").read_text())
     assert info["kind"] == "lora" and info["teacher"] == str(teacher_path)
-    assert "LCMScheduler" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "LCMScheduler" in card and f"base_model: {teacher_path}" in card and "original_inference_steps=50" in card
 
-    ours = _ours(teacher.unet, teacher, steps=2)
+    ours = _ours(student, teacher, steps=2)
     pipe = pipeline_cls.from_pretrained(str(teacher_path))
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50, timestep_scaling=10.0)
     bare = _theirs(pipe, 2)  # the teacher without adapters, for contrast
@@ -88,10 +95,10 @@ def test_lora_export_gives_the_toolkit_images_in_plain_diffusers(request, tmp_pa
 
 def test_full_export_is_a_pipeline_folder_with_the_toolkit_images(tiny_sd_v_path, tmp_path):
     teacher = Teacher.from_pretrained(tiny_sd_v_path)  # v-prediction: the conversion must survive the export
-    student = build_full_student(teacher.unet, time_cond_proj_dim=32)
-    _randomise(student, "cond_proj", 0.5)
+    student = FullStudent(teacher, time_cond_proj_dim=32)
+    _randomise(student.network, "cond_proj", 0.5)
     folder = tmp_path / "run" / "student"
-    student.save_pretrained(folder / "unet")
+    student.save_weights(folder)
     _info(teacher, tiny_sd_v_path, "full", guidance_scale=3.0).save(folder)
     out = export_run(tmp_path / "run", tmp_path / "export")
 
@@ -109,14 +116,14 @@ def test_full_export_is_a_pipeline_folder_with_the_toolkit_images(tiny_sd_v_path
 
 
 def test_export_from_a_checkpoint_and_the_errors(tiny_sd_path, tmp_path):
-    teacher, run = _lora_run(tmp_path, tiny_sd_path)
+    _, run = _lora_run(tmp_path, tiny_sd_path)
     ckpt = run / "checkpoints" / "step-0000005"
-    ckpt.mkdir(parents=True)
+    (ckpt / "student").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"step": 5}')
     for name in (LORA_WEIGHTS, "student.json"):
-        (ckpt / name).write_bytes((run / "student" / name).read_bytes())
+        (ckpt / "student" / name).write_bytes((run / "student" / name).read_bytes())
     assert student_folder(run) == run / "student"
-    assert student_folder(run, 5) == student_folder(run, "step-0000005") == student_folder(run, ckpt) == ckpt
+    assert student_folder(run, 5) == student_folder(run, "step-0000005") == student_folder(run, ckpt) == ckpt / "student"
     assert (export_run(run, tmp_path / "from_ckpt", checkpoint=5) / LORA_WEIGHTS).is_file()
 
     with pytest.raises(ModelError, match="does not exist"):
@@ -138,7 +145,7 @@ def test_export_from_a_checkpoint_and_the_errors(tiny_sd_path, tmp_path):
 def test_full_export_of_a_corrupt_unet_is_a_model_error(tiny_sd_path, tmp_path):
     teacher = Teacher.from_pretrained(tiny_sd_path)
     folder = tmp_path / "run" / "student"
-    build_full_student(teacher.unet, 32).save_pretrained(folder / "unet")
+    FullStudent(teacher, 32).save_weights(folder)
     _info(teacher, tiny_sd_path, "full").save(folder)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ModelError, match="corrupt"):
@@ -146,7 +153,7 @@ def test_full_export_of_a_corrupt_unet_is_a_model_error(tiny_sd_path, tmp_path):
 
 
 def test_sample_grid_from_run_and_exports(tiny_sd_path, tmp_path):
-    teacher, run = _lora_run(tmp_path, tiny_sd_path)
+    _, run = _lora_run(tmp_path, tiny_sd_path)
     out = export_run(run, tmp_path / "export")
     tile = 16 * 8 + 2  # 16 px images are shown 8x, with 2 px padding
     for source in (run, out):
@@ -158,3 +165,13 @@ def test_sample_grid_from_run_and_exports(tiny_sd_path, tmp_path):
         sample_grid(out, [], 1, SEED, tmp_path / "none.png")
     with pytest.raises(ModelError, match="does not exist"):
         sample_grid(tmp_path / "missing", PROMPTS, 1, SEED, tmp_path / "none.png")
+
+
+def test_student_json_written_before_students_carried_their_sampler_still_loads(tiny_sd_path, tmp_path):
+    old = {"kind": "lora", "teacher": str(tiny_sd_path), "teacher_kind": "sd", "prediction_type": "epsilon",
+           "num_ddim_timesteps": 10, "timestep_scaling": 10.0, "w_min": 2.0, "w_max": 2.0, "guidance_scale": 1.0,
+           "teacher_guidance_scale": 3.0, "step": 381, "scheduler": "LCMScheduler"}
+    (tmp_path / "student.json").write_text(json.dumps(old))
+    info = StudentInfo.load(tmp_path)
+    assert info.sampler.scheduler == "LCMScheduler" and info.sampler.config["original_inference_steps"] == 10
+    assert info.pipeline_class == "StableDiffusionPipeline" and info.details["w_min"] == 2.0 and info.step == 381

@@ -4,7 +4,8 @@ import pytest
 from accelerate import Accelerator
 
 from distill import runs
-from distill.budget import Budget, warmup_cosine
+from distill.budget import Budget
+from distill.optim import warmup_cosine
 from distill.errors import ConfigError
 
 

@@ -58,8 +58,8 @@ def test_tiny_pipelines_load_both_ways(request, fixture, cls, kind, shape):
     teacher = Teacher.from_pretrained(path)
     assert (teacher.kind, teacher.latent_shape(), teacher.num_train_timesteps) == (kind, shape, 1000)
     assert teacher.prediction_type == ("v_prediction" if fixture == "tiny_sd_v_path" else "epsilon")
-    assert teacher.alphas_cumprod.shape == (1000,)
-    torch.testing.assert_close(teacher.alphas_cumprod, teacher.scheduler.alphas_cumprod)
+    assert teacher.schedule.alphas_cumprod.shape == (1000,)
+    torch.testing.assert_close(teacher.schedule.alphas_cumprod, teacher.scheduler.alphas_cumprod)
     assert (teacher.vae is None) == (kind == "unet2d")
     assert not any(p.requires_grad for p in teacher.parameters())
 
@@ -314,3 +314,37 @@ def test_unsupported_pipeline_object():
 def test_hub_id_offline():
     with pytest.raises(ModelError, match="'nobody/no-such-model' is not a local folder and could not be downloaded"):
         Teacher.from_pretrained("nobody/no-such-model")
+
+
+# ------------------------------------------------------------------------------------- family adaptors
+@pytest.mark.parametrize("fixture, family", [("tiny_sd_path", "StableDiffusion"), ("tiny_sdxl_path", "StableDiffusionXL"),
+                                             ("tiny_unet2d_path", "PixelUNet")])
+def test_the_family_adaptor_is_chosen_by_pipeline_class(request, fixture, family):
+    teacher = Teacher.from_pretrained(request.getfixturevalue(fixture))
+    assert type(teacher.family).__name__ == family and teacher.network is teacher.pipe.unet
+
+
+@torch.no_grad()
+def test_forward_through_another_network_is_that_network(sd):
+    import copy
+
+    other = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        other.conv_out.bias += 0.5
+    z, t, cond = _randn(2, 4, 8, 8), torch.tensor([100, 700]), sd.encode_prompt(PROMPTS)
+    torch.testing.assert_close(sd(z, t, cond, network=other), sd(z, t, cond) + 0.5)
+    guided = sd.guided(z, t, cond, 3.0, network=other)
+    torch.testing.assert_close(guided, sd.guided(z, t, cond, 3.0) + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_features_are_the_named_blocks_outputs_with_gradient_to_the_input(sd):
+    z = _randn(2, 4, 8, 8).requires_grad_(True)
+    feats = sd.features(z, torch.tensor([10, 900]), sd.encode_prompt(PROMPTS), ["down_blocks.0", "mid_block"])
+    channels = sd.unet.config.block_out_channels
+    assert [f.shape[:2] for f in feats] == [(2, channels[0]), (2, channels[-1])]
+    sum(f.square().mean() for f in feats).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in sd.unet.parameters())  # frozen
+    assert not sd.unet._forward_hooks and not sd.unet.mid_block._forward_hooks  # hooks removed
+    with pytest.raises(ConfigError, match="no block 'down_blocks.9'"):
+        sd.features(z, torch.tensor([10, 900]), sd.encode_prompt(PROMPTS), ["down_blocks.9"])

@@ -3,7 +3,6 @@
 Runs use 8 emoji resized to 16 px (the tiny VAE's 8x8 latents), batches of 4 and a few steps each.
 """
 
-import copy
 import json
 import math
 import re
@@ -15,13 +14,11 @@ from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, 
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from distill import engine
-from distill.budget import Budget
 from distill.config import from_dict, load_config
 from distill.errors import ConfigError
 from distill.export import export_run
 from distill.runs import list_checkpoints, read_state
-from distill.student import LORA_WEIGHTS
+from distill.info import LORA_WEIGHTS
 from distill.teacher import Teacher
 from recipes import lcm
 from recipes.lcm import LcmConfig, main
@@ -77,11 +74,14 @@ def test_full_run_on_tiny_sd_v_exports_a_pipeline(tiny_sd_v_path, tmp_path):
     assert report["peak_memory_kind"] == "process_peak_rss" and report["peak_memory_mb"] > 100
     assert (run / "student" / "unet" / "config.json").is_file() and (run / "config.yaml").is_file()
     assert [c.name for c in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
-    assert (run / "checkpoints" / "step-0000004" / "unet_online" / "config.json").is_file()
+    checkpoint = run / "checkpoints" / "step-0000004"  # every named module, and the student that ships
+    for folder in ("modules/student/unet", "modules/target/unet", "student/unet"):
+        assert (checkpoint / folder / "config.json").is_file(), folder
     assert {p.name for p in (run / "samples").iterdir()} == {"step-0000002.png", "step-0000004.png", "final.png"}
     assert any((run / "logs").rglob("events.out.tfevents*"))  # tensorboard
     info = json.loads((run / "student" / "student.json").read_text())
-    assert info["kind"] == "full" and info["guidance_scale"] == 3.0 and info["prediction_type"] == "v_prediction"
+    assert info["kind"] == "full" and info["sampler"]["guidance_scale"] == 3.0 and info["prediction_type"] == "v_prediction"
+    assert info["sampler"]["scheduler"] == "LCMScheduler" and info["sampler"]["config"]["original_inference_steps"] == 50
 
     pipe = DiffusionPipeline.from_pretrained(str(export_run(run, tmp_path / "export")))
     assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim == 32
@@ -117,11 +117,11 @@ def test_resume_continues_the_step_count_and_repeats_the_uninterrupted_run(tiny_
     assert _report(resumed)["steps"] == 6 and _report(resumed)["steps_this_session"] == 2
     assert read_state(list_checkpoints(resumed)[-1])["step"] == 6
     straight = main(_cfg(tmp_path / "other", tiny_sd_path, "full", max_train_steps=6, sample=dict(every_steps=0)))
-    for name in ("unet", "unet_online"):  # the EMA target and the online student, with optimizer state restored
-        a = load_file(str(resumed / "checkpoints" / "step-0000006" / name / "diffusion_pytorch_model.safetensors"))
-        b = load_file(str(straight / "checkpoints" / "step-0000006" / name / "diffusion_pytorch_model.safetensors"))
+    for name in ("target", "student"):  # the EMA target and the online student, with optimizer state restored
+        weights = f"step-0000006/modules/{name}/unet/diffusion_pytorch_model.safetensors"
+        a, b = (load_file(str(run / "checkpoints" / weights)) for run in (resumed, straight))
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)  # bit for bit on CPU
 
 
 def test_lora_resume_loads_the_adapters(tiny_sd_path, tmp_path):
@@ -143,13 +143,13 @@ def test_lora_with_adapter_ema_resumes_both_weight_sets_and_ships_the_average(ti
     straight = main(_cfg(tmp_path / "other", tiny_sd_path, "lora", student=lora, max_train_steps=6,
                          sample=dict(every_steps=0)))
     assert resumed == first and _report(resumed)["steps_this_session"] == 2
-    for name in (LORA_WEIGHTS, f"online/{LORA_WEIGHTS}"):  # the average (shipped) and the online adapters
-        a = load_file(str(resumed / "checkpoints" / "step-0000006" / name))
-        b = load_file(str(straight / "checkpoints" / "step-0000006" / name))
+    for name in (f"student/{LORA_WEIGHTS}", f"modules/student/{LORA_WEIGHTS}", "modules/ema/model.safetensors"):
+        a = load_file(str(resumed / "checkpoints" / "step-0000006" / name))  # the average (shipped), the online
+        b = load_file(str(straight / "checkpoints" / "step-0000006" / name))  # adapters and the EMA's own state
         for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     shipped = load_file(str(straight / "student" / LORA_WEIGHTS))
-    online = load_file(str(straight / "checkpoints" / "step-0000006" / "online" / LORA_WEIGHTS))
+    online = load_file(str(straight / "checkpoints" / "step-0000006" / "modules" / "student" / LORA_WEIGHTS))
     assert any(not torch.equal(shipped[k], online[k]) for k in shipped)  # the average, not the last step
     assert not (straight / "student" / "online").exists()  # the final student is only what ships
 
@@ -222,28 +222,3 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
     with pytest.raises(ConfigError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
         lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=1.0)), teacher)
     lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=None)), teacher)  # LCM-LoRA's own target
-
-
-# -------------------------------------------------------------------------------------------- engine
-def test_eight_bit_adam_needs_cuda_and_bitsandbytes():
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ConfigError, match="use_8bit_adam"):
-        engine.make_optimizer(params, 1e-4, use_8bit=True, device="cpu")
-    assert isinstance(engine.make_optimizer(params, 1e-4), torch.optim.AdamW)
-
-
-def test_ema_update_and_schedules():
-    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    expected = [0.95 * t.detach() + 0.05 * o.detach() for t, o in zip(target.parameters(), online.parameters())]
-    engine.ema_update_(target, online, 0.95)
-    for got, want in zip(target.parameters(), expected):
-        torch.testing.assert_close(got.detach(), want)
-    budget = Budget(100, None)
-    assert engine.learning_rate(1.0, "constant", 10, budget, 4) == pytest.approx(0.5)
-    assert engine.learning_rate(1.0, "constant", 10, budget, 50) == pytest.approx(1.0)
-    assert engine.learning_rate(1.0, "cosine", 0, budget, 50) == pytest.approx(0.5)
-    a, b = engine.step_generator(0, 5), engine.step_generator(0, 5)
-    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
-    assert not torch.equal(torch.rand(3, generator=engine.step_generator(0, 5, 1)),
-                           torch.rand(3, generator=engine.step_generator(0, 5, 0)))
-    copy.deepcopy(budget)  # budgets are plain objects (checkpointed through trainer_state.json)

@@ -42,27 +42,47 @@ def test_diffusion_loss_targets_velocity_for_v_prediction():
     assert loss.shape == (2,) and torch.allclose(loss, torch.zeros(2))
 
 
+OVERRIDES = ["data.max_samples=64", "vae.max_train_steps=3", "vae.batch_size=8", "train_batch_size=8",
+             "checkpointing_steps=2", "sample_steps=2", "sample_prompts=[banana, dog face]", "max_train_minutes=null",
+             "vae.max_train_minutes=null", "report_to=none"]
+
+
+def _run(tmp_path, *more):
+    overrides = [f"output_dir={tmp_path / 'runs'}", f"teacher={tmp_path / 'teacher'}", *OVERRIDES, *more]
+    return recipe.main(load_config(CONFIG, recipe.TeacherConfig, overrides))
+
+
+def _weights(run_dir, step):
+    from safetensors.torch import load_file
+
+    checkpoint = run_dir / "unet" / "checkpoints" / f"step-{step:07d}" / "modules"
+    unet = load_file(str(checkpoint / "unet" / "diffusion_pytorch_model.safetensors"))
+    ema = torch.load(checkpoint / "ema" / "state.pt", weights_only=True)["shadow_params"]
+    return unet, ema
+
+
 @pytest.mark.slow
-def test_short_run_writes_a_loadable_pipeline_and_resumes(tmp_path):
+def test_short_run_writes_a_loadable_pipeline_and_a_resume_after_a_kill_ends_exactly_where_it_would(tmp_path):
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
-    overrides = [f"output_dir={tmp_path / 'runs'}", f"teacher={tmp_path / 'teacher'}", "data.max_samples=64",
-                 "vae.max_train_steps=3", "vae.batch_size=8", "max_train_steps=3", "train_batch_size=8",
-                 "checkpointing_steps=2", "sample_steps=2", "sample_prompts=[banana, dog face]",
-                 "max_train_minutes=null", "vae.max_train_minutes=null"]
-    run_dir = recipe.main(load_config(CONFIG, recipe.TeacherConfig, overrides))
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "samples.png").is_file()
-    assert json.loads((run_dir / "vae" / "final" / "stats.json").read_text())["psnr_db"] > 0
-
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    straight = _run(tmp_path / "a", "max_train_steps=5", "checkpoints_total_limit=null")
+    assert (straight / "config.yaml").is_file() and (straight / "samples.png").is_file()
+    assert json.loads((straight / "vae" / "final" / "stats.json").read_text())["psnr_db"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "teacher")
     out = pipe(["banana"], num_inference_steps=2, guidance_scale=3.0, output_type="np",
                generator=torch.Generator().manual_seed(0), height=32, width=32).images
     assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
 
-    # Resuming the same run with a larger budget goes on from its last UNet checkpoint.
-    more = load_config(CONFIG, recipe.TeacherConfig, overrides + ["max_train_steps=5", "resume_from_checkpoint=latest"])
-    again = recipe.main(more)
-    assert again == run_dir
-    from distill.runs import list_checkpoints, read_state
-
-    assert read_state(list_checkpoints(run_dir / "unet")[-1])["step"] == 5
+    # A copy of the run as it was when killed after the VAE's step-2 checkpoint: nothing later exists.
+    killed = tmp_path / "b" / "runs" / straight.name
+    shutil.copytree(straight, killed)
+    for later in (killed / "vae" / "checkpoints" / "step-0000003", killed / "vae" / "final", killed / "unet"):
+        shutil.rmtree(later)
+    resumed = _run(tmp_path / "b", "max_train_steps=5", "checkpoints_total_limit=null", "resume_from_checkpoint=latest")
+    assert resumed == killed
+    # Both stages went on from there and ended where the uninterrupted run ended: VAE, UNet, EMA, data order.
+    (unet_a, ema_a), (unet_b, ema_b) = _weights(straight, 5), _weights(resumed, 5)
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    assert len(ema_a) == len(ema_b) and all(torch.equal(a, b) for a, b in zip(ema_a, ema_b))

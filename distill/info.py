@@ -1,0 +1,96 @@
+"""What a saved student is: `student.json` beside its weights, and the sampler it needs.
+
+Every student a recipe writes (a run's `student/`, each checkpoint's `student/`, every export) carries a
+`StudentInfo`, and in it a `SamplerSpec`: the diffusers scheduler class and the settings to build it with from the
+teacher's scheduler config, the guidance scale to call the pipeline with, the step counts it was made for and,
+where the method fixes them, the timesteps. `distill export`, `distill sample` and `distill eval` build the
+scheduler from it instead of assuming one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from distill.errors import ModelError
+
+INFO_FILE = "student.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
+
+
+@dataclass
+class SamplerSpec:
+    """How to sample a student with plain diffusers."""
+
+    scheduler: str  # a diffusers scheduler class name, e.g. "LCMScheduler"
+    config: dict = field(default_factory=dict)  # settings applied over the teacher's scheduler config
+    guidance_scale: float = 1.0  # what to pass to the pipeline (1: no CFG pass)
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the step counts it was made for
+    timesteps: list[int] | None = None  # fixed timesteps a method samples at (passed to the pipeline), if any
+
+    def build(self, teacher_scheduler_config):
+        """The scheduler instance: `<scheduler>.from_config(teacher config, **config)`."""
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler, None)
+        if cls is None:
+            raise ModelError(f"The student's sampler names {self.scheduler}, which this diffusers "
+                             f"({diffusers.__version__}) does not have; upgrade diffusers.")
+        return cls.from_config(teacher_scheduler_config, **self.config)
+
+
+@dataclass
+class StudentInfo:
+    """Written as `student.json` beside a student's weights (and into exports)."""
+
+    kind: str  # "full" | "lora"
+    teacher: str  # the teacher pipeline: a local folder (absolute) or a hub id
+    teacher_kind: str  # the teacher's family adaptor ("sd", "sdxl", ...)
+    pipeline_class: str  # the teacher's diffusers pipeline class, which loads the LoRA or the student pipeline
+    prediction_type: str
+    sampler: SamplerSpec
+    teacher_guidance_scale: float  # the teacher's guidance the student imitates
+    method: str = "lcm"  # the recipe that made it
+    step: int = 0
+    details: dict = field(default_factory=dict)  # the method's own settings (e.g. LCM's N, omega range)
+    feature_network: str | None = None  # what a discriminator saw, for adversarial methods
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.sampler.guidance_scale
+
+    @property
+    def weights(self) -> str:
+        """Where the shipped weights lie in the student's folder."""
+        return LORA_WEIGHTS if self.kind == "lora" else "unet"
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / INFO_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> StudentInfo:
+        path = Path(folder) / INFO_FILE
+        try:
+            data = json.loads(path.read_text())
+            if "sampler" not in data:
+                data = _from_version_1(data)
+            data["sampler"] = SamplerSpec(**data["sampler"])
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelError(f"{path} is missing or unreadable ({err}); re-run the export or the training.") from err
+
+
+def _from_version_1(data: dict) -> dict:
+    """student.json as distill wrote it before students carried their sampler: LCM students, whose sampler was
+    always LCMScheduler with their N and timestep scaling (what `distill.consistency.lcm_sampler` builds now)."""
+    details = {k: data[k] for k in ("num_ddim_timesteps", "timestep_scaling", "w_min", "w_max") if k in data}
+    config = dict(original_inference_steps=data["num_ddim_timesteps"], timestep_scaling=data["timestep_scaling"],
+                  prediction_type=data["prediction_type"], clip_sample=False, thresholding=False)
+    sampler = {"scheduler": "LCMScheduler", "config": config, "guidance_scale": data["guidance_scale"],
+               "steps": [s for s in (1, 2, 4, 8) if s <= data["num_ddim_timesteps"]]}
+    pipeline = "StableDiffusionXLPipeline" if data.get("teacher_kind") == "sdxl" else "StableDiffusionPipeline"
+    return {**data, "sampler": sampler, "details": details, "pipeline_class": pipeline}

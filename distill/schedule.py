@@ -1,0 +1,147 @@
+"""Noise schedules: where a teacher family's time lives, and what alpha_t and sigma_t are there.
+
+Every solver, loss and sampler in distill sees a teacher's schedule only through this interface, so a new family
+(flow matching: SD3, FLUX) is a new schedule object, not a new branch in the math:
+
+- `alpha_sigma(t, like)`: the scales of z_t = alpha_t x0 + sigma_t eps at times t [B], shaped [B, 1, ...].
+- `add_noise(x0, eps, t)`: that forward process.
+- `grid(n)`: n solver times, ascending (the skipping-step grid of consistency distillation; t_{n+k} values).
+- `sample(batch, generator)`: training times t ~ the family's training distribution.
+- `model_time(t)`: what the network's timestep input is at t (the family's units).
+- `prediction_type`: what the network predicts (`distill.prediction` turns it into x0 and eps).
+- `num_train_timesteps`, `t_max` (the noisiest time on the grid).
+
+Two families:
+
+- `VPSchedule` (DDPM family: SD 1.x/2.x, SDXL, UNet2D): t is the integer training timestep in [0, T),
+  alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) from the scheduler's `alphas_cumprod` (Ho et al. 2020).
+- `FlowSchedule` (rectified flow: SD3, FLUX): t is sigma in (0, 1], z_t = (1 - sigma) x0 + sigma eps
+  (Esser et al. 2024, arXiv:2403.03206), with the scheduler's shift sigma' = s sigma / (1 + (s - 1) sigma); the
+  network is fed sigma * T, as `FlowMatchEulerDiscreteScheduler` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distill.errors import ModelError
+
+
+def _shaped(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape((-1,) + (1,) * (like.ndim - 1)).to(like.device, like.dtype)
+
+
+class VPSchedule:
+    """Discrete variance-preserving schedule over T integer timesteps, from abar_t [T]."""
+
+    family = "vp"
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
+        self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32).detach().clone()
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.prediction_type = prediction_type
+        self.t_max = self.num_train_timesteps - 1
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) at integer t [B] (or 0-d), shaped [B, 1, ...] and typed like `like`."""
+        t = torch.as_tensor(t).reshape(-1).to(device=self.alphas_cumprod.device, dtype=torch.long)
+        abar = self.alphas_cumprod[t]
+        return _shaped(abar.sqrt(), like), _shaped((1 - abar).sqrt(), like)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * eps
+
+    def grid(self, n: int) -> Tensor:
+        """t_{n+k} = k - 1, 2k - 1, ..., T - 1 with k = T // n (long [n]), as diffusers' LCM scripts."""
+        if not 1 <= n <= self.num_train_timesteps:
+            raise ValueError(f"The solver grid needs 1 <= n <= {self.num_train_timesteps}, got {n}.")
+        k = self.num_train_timesteps // n
+        return torch.arange(1, n + 1) * k - 1
+
+    def previous(self, t: Tensor, n: int) -> Tensor:
+        """The grid point one interval below t (t - k, floored at 0): DDIM's skipping step."""
+        return (torch.as_tensor(t) - self.num_train_timesteps // n).clamp(min=0)
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U{0, ..., T - 1}: [B] long (on CPU)."""
+        return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, source: str = "the teacher") -> VPSchedule:
+        """abar_t from a diffusers scheduler, or from a DDPM scheduler built on its beta config."""
+        from diffusers import DDPMScheduler
+
+        abar = getattr(scheduler, "alphas_cumprod", None)
+        if abar is None:
+            if "beta_schedule" not in scheduler.config:
+                raise ModelError(
+                    f"The scheduler {type(scheduler).__name__} of {source} has no DDPM noise schedule; use a pipeline "
+                    "whose scheduler has betas (DDPM, DDIM, PNDM, Euler, DPM-Solver, ...)."
+                )
+            abar = DDPMScheduler.from_config(scheduler.config).alphas_cumprod
+        return cls(abar, scheduler.config.get("prediction_type", "epsilon"))
+
+
+class FlowSchedule:
+    """Rectified-flow schedule: t = sigma in (0, 1], alpha_t = 1 - sigma, sigma_t = sigma, velocity prediction."""
+
+    family = "flow"
+    prediction_type = "flow_prediction"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
+        self.t_max = 1.0
+
+    def shifted(self, sigma: Tensor) -> Tensor:
+        """sigma' = s sigma / (1 + (s - 1) sigma) (FlowMatchEulerDiscreteScheduler's static shift)."""
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        sigma = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
+        return _shaped(1 - sigma, like), _shaped(sigma, like)
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * eps
+
+    def grid(self, n: int) -> Tensor:
+        """The n sigmas `FlowMatchEulerDiscreteScheduler.set_timesteps(n)` visits, ascending (float [n])."""
+        if n < 1:
+            raise ValueError(f"The solver grid needs n >= 1, got {n}.")
+        sigma_min = self.shifted(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64))
+        t = torch.linspace(1.0, float(sigma_min), n, dtype=torch.float64)  # the scheduler shifts its sigma_min twice
+        return self.shifted(t).flip(0).float()
+
+    def previous(self, t: Tensor, n: int) -> Tensor:
+        """The grid point one interval below t (0 below the first)."""
+        grid = self.grid(n)
+        index = torch.searchsorted(grid, torch.as_tensor(t, dtype=torch.float32).reshape(-1) - 1e-6)
+        return torch.where(index > 0, grid[(index - 1).clamp(min=0)], torch.zeros(()))
+
+    def sample(self, batch: int, generator: torch.Generator | None = None) -> Tensor:
+        """sigma = shift(u), u ~ U(0, 1]: [B] float (SD3's logit-normal is a weighting choice for a recipe)."""
+        u = 1.0 - torch.rand(batch, generator=generator)
+        return self.shifted(u)
+
+    def model_time(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t) * self.num_train_timesteps
+
+    @classmethod
+    def from_scheduler(cls, scheduler, source: str = "the teacher") -> FlowSchedule:
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", False):
+            raise ModelError(f"{source} uses a resolution-dependent (dynamic) shift, which distill does not model yet; "
+                             "use a scheduler with use_dynamic_shifting=false.")
+        return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
+
+
+def schedule_for(scheduler, source: str = "the teacher"):
+    """The schedule object of a diffusers scheduler: flow matching or discrete VP."""
+    if "FlowMatch" in type(scheduler).__name__:
+        return FlowSchedule.from_scheduler(scheduler, source)
+    return VPSchedule.from_scheduler(scheduler, source)

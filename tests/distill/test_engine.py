@@ -1,0 +1,174 @@
+"""distill.engine with a toy method of two networks and two optimizers (a GAN-shaped two-time-scale update).
+
+The critic steps on every iteration, the generator on every second one; an EMA of the generator is a third,
+untrained module. The checks: the right optimizer steps on the right iterations, only the intended module moves,
+every module / optimizer / RNG state survives a checkpoint, and a resumed run equals an uninterrupted one exactly.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill import engine, optim
+from distill.budget import Budget
+from distill.config import TrainConfig
+from distill.ema import ema_update_
+from distill.errors import ConfigError
+from distill.method import Method
+from distill.runs import list_checkpoints, read_state
+
+
+class ToyGan(Method):
+    name = "toy"
+
+    def __init__(self, dropout: float = 0.5):
+        super().__init__()
+        self.modules["generator"] = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(dropout))
+        self.modules["critic"] = torch.nn.Linear(4, 1)
+        self.modules["ema"] = torch.nn.Linear(4, 4).requires_grad_(False)
+        self.optimizers["generator"] = torch.optim.AdamW(self.generator.parameters(), lr=1e-2)
+        self.optimizers["critic"] = torch.optim.AdamW(self.critic.parameters(), lr=1e-2)
+        self.calls = []
+
+    def optimizers_to_step(self, iteration):
+        return ["critic", "generator"] if iteration % 2 else ["critic"]
+
+    def batch(self, generator):
+        return torch.randn(8, 4, generator=generator)
+
+    def step(self, batch, iteration, generator):
+        self.calls.append((iteration, tuple(self.optimizers_to_step(iteration))))
+        fake = self.generator(batch)  # dropout draws from the global RNG: resume must restore it
+        real = batch + 1.0
+        critic = (self.critic(fake) - self.critic(real)).mean()  # not detached: its gradient reaches the generator too
+        out = {"critic": critic, "real_score": self.critic(real).mean().detach()}
+        if "generator" in self.optimizers_to_step(iteration):
+            out["generator"] = -self.critic(fake).mean()
+        return out
+
+    def after_step(self, iteration, stepped):
+        if "generator" in stepped:
+            ema_update_(self.ema, self.generator[0], 0.9)
+
+
+def _cfg(tmp_path, **over):
+    values = dict(recipe="toy", run_name="toy", output_dir=str(tmp_path / "runs"), report_to="none", seed=3)
+    return TrainConfig(**{**values, **over})
+
+
+def _loop(steps, **over):
+    return engine.Loop(**{"max_steps": steps, "batch_size": 8, "checkpointing_steps": 2, **over})
+
+
+def _train(tmp_path, steps, method=None, **cfg):
+    run = engine.start_run(_cfg(tmp_path, **cfg))
+    method = method or ToyGan()
+    report = engine.fit(run, method, _loop(steps))
+    return run.dir, method, report
+
+
+def _tensors(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_each_optimizer_steps_on_its_iterations_and_only_its_module_moves(tmp_path):
+    torch.manual_seed(0)
+    method = ToyGan(dropout=0.0)
+    run = engine.start_run(_cfg(tmp_path))
+    before = {name: _tensors(method.modules[name]) for name in ("generator", "critic", "ema")}
+    engine.fit(run, method, _loop(1, checkpointing_steps=0))  # iteration 0: the critic's optimizer alone steps,
+    # although the critic loss also sends a gradient into the generator
+    after = {name: _tensors(method.modules[name]) for name in ("generator", "critic", "ema")}
+    assert any(not torch.equal(before["critic"][k], after["critic"][k]) for k in after["critic"])
+    assert all(torch.equal(before["generator"][k], after["generator"][k]) for k in after["generator"])
+    assert all(torch.equal(before["ema"][k], after["ema"][k]) for k in after["ema"])
+    assert method.calls == [(0, ("critic",))]
+    assert all(p.grad is None for opt in method.optimizers.values() for g in opt.param_groups for p in g["params"])
+
+
+def test_generator_iterations_step_both_and_update_the_ema(tmp_path):
+    torch.manual_seed(0)
+    run_dir, method, report = _train(tmp_path, 4)
+    assert [c[1] for c in method.calls] == [("critic",), ("critic", "generator")] * 2
+    assert method.optimizers["generator"].optimizer.state[method.generator[0].weight]["step"] == 2
+    assert method.optimizers["critic"].optimizer.state[method.critic.weight]["step"] == 4
+    assert report["steps"] == 4 and set(report["losses"]) == {"critic", "real_score", "generator"}
+    assert report["loss_first_50"] == report["losses"]["critic"]["first_50"]  # no "loss": the first one leads
+    assert json.loads((run_dir / "report.json").read_text())["steps_this_session"] == 4
+
+
+def test_a_checkpoint_holds_every_module_in_its_format_and_the_trainer_state(tmp_path):
+    torch.manual_seed(0)
+    run_dir, method, _ = _train(tmp_path, 4)
+    checkpoint = list_checkpoints(run_dir)[-1]
+    assert read_state(checkpoint)["step"] == 4
+    for name in ("generator", "critic", "ema"):
+        saved = load_file(str(checkpoint / "modules" / name / "model.safetensors"))
+        live = method.modules[name].state_dict()
+        assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"optimizer.bin", "optimizer_1.bin", "random_states_0.pkl", "trainer_state.json"} <= names
+
+
+def test_resumed_run_equals_the_uninterrupted_one_exactly(tmp_path):
+    torch.manual_seed(0)
+    _, straight, _ = _train(tmp_path / "a", 6)
+    torch.manual_seed(0)
+    first, _, _ = _train(tmp_path / "b", 3)
+    torch.manual_seed(0)
+    resumed_dir, resumed, report = _train(tmp_path / "b", 6, resume_from_checkpoint="latest")
+    assert resumed_dir == first and report["steps_this_session"] == 3  # from the final step-3 checkpoint
+    for name in ("generator", "critic", "ema"):
+        a, b = straight.modules[name].state_dict(), resumed.modules[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    for name in ("generator", "critic"):
+        sa, sb = straight.optimizers[name].state_dict()["state"], resumed.optimizers[name].state_dict()["state"]
+        assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa), name
+
+
+def test_a_checkpoint_without_a_module_the_run_needs_is_refused_by_name(tmp_path):
+    torch.manual_seed(0)
+    run_dir, _, _ = _train(tmp_path, 2)
+    checkpoint = list_checkpoints(run_dir)[-1]
+    for path in (checkpoint / "modules" / "ema").iterdir():
+        path.unlink()
+    (checkpoint / "modules" / "ema").rmdir()
+    with pytest.raises(ConfigError, match="no module 'ema'"):
+        _train(tmp_path, 4, resume_from_checkpoint=str(checkpoint))
+
+
+def test_eight_bit_adam_needs_cuda_and_bitsandbytes():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ConfigError, match="use_8bit_adam"):
+        optim.make_optimizer(params, 1e-4, use_8bit=True, device="cpu")
+    assert isinstance(optim.make_optimizer(params, 1e-4), torch.optim.AdamW)
+
+
+def test_ema_update_schedule_and_step_generators():
+    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = [0.95 * t.detach() + 0.05 * o.detach() for t, o in zip(target.parameters(), online.parameters())]
+    ema_update_(target, online, 0.95)
+    for got, want in zip(target.parameters(), expected):
+        torch.testing.assert_close(got.detach(), want)
+    assert optim.lr_multiplier("constant", 10, 0.04, 4) == pytest.approx(0.5)
+    assert optim.lr_multiplier("constant", 10, 0.5, 50) == pytest.approx(1.0)
+    assert optim.lr_multiplier("cosine", 0, 0.5, 50) == pytest.approx(0.5)
+    assert optim.lr_multiplier("cosine", 0, 1.0, 50, floor=0.05) == pytest.approx(0.05)
+    a, b = engine.step_generator(0, 5), engine.step_generator(0, 5)
+    assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
+    assert not torch.equal(torch.rand(3, generator=engine.step_generator(0, 5, 1)),
+                           torch.rand(3, generator=engine.step_generator(0, 5, 0)))
+
+
+def test_eta_names_the_binding_budget(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr("distill.budget.time.monotonic", lambda: clock[0])
+    budget = Budget(1000, 2.0)  # 1,000 steps or 2 minutes
+    clock[0] += 30.0  # 10 steps in 30 s: the minutes bind, at ~40 steps
+    seconds, final, binding = budget.eta(10)
+    assert binding == "minutes" and seconds == pytest.approx(90.0) and final == 40
+    fast = Budget(100, 60.0)
+    clock[0] += 10.0
+    assert fast.eta(50) == (pytest.approx(10.0), 100, "steps")
