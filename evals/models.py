@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import ConfigError, ModelError
-from distill.teacher import Cond, Teacher
+from distill.teacher import Cond, Teacher, dtype_kwarg
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIVERSITY_STREAM = 1 << 31  # seeds of the per-prompt diversity samples never meet those of the main set
@@ -117,8 +117,8 @@ def load_teacher(source: str, device: str, dtype: torch.dtype, guidance_scale: f
 
 def check_student(source: str) -> None:
     """ModelError now if `source` cannot be a student: no folder, or no pipeline / student.json / run student in it."""
-    from distill.export import student_folder
-    from distill.student import INFO_FILE
+    from distill.runs import student_folder
+    from distill.info import INFO_FILE
 
     path = Path(source)
     if not path.exists():
@@ -151,9 +151,11 @@ def load_student(source: str, teacher_source: str, device: str, dtype: torch.dty
     _maybe_compile(model, compile_unet)
     scheduler = pipe.scheduler
     kind = "lora" if info.kind == "lora" else "full"
-    what = ("LCM-LoRA fused into the teacher" if kind == "lora" else "LCM, full UNet with a guidance input")
-    metadata = {k: getattr(info, k) for k in ("teacher", "num_ddim_timesteps", "timestep_scaling", "w_min", "w_max",
-                                               "guidance_scale", "teacher_guidance_scale", "step")}
+    what = (f"{info.method.upper()}-LoRA fused into the teacher" if kind == "lora"
+            else f"{info.method.upper()}, full student network")
+    metadata = {"teacher": info.teacher, **info.details, "guidance_scale": info.guidance_scale,
+                "teacher_guidance_scale": info.teacher_guidance_scale, "step": info.step, "method": info.method,
+                "sampler": info.sampler.scheduler}
     return Candidate(_name(path), "student", kind, str(path), model, type(scheduler), dict(scheduler.config),
                      float(info.guidance_scale), what, metadata)
 
@@ -162,7 +164,7 @@ def _plain_pipeline(path: Path, device: str, dtype: torch.dtype, compile_unet: b
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), **{_dtype_kwarg(): dtype})
+        pipe = DiffusionPipeline.from_pretrained(str(path), **{dtype_kwarg(): dtype})
     except Exception as err:  # diffusers raises many types for a broken folder
         raise ModelError(f"The student pipeline at {path} could not be loaded ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:160]}); re-export it.") from err
@@ -173,12 +175,6 @@ def _plain_pipeline(path: Path, device: str, dtype: torch.dtype, compile_unet: b
     return Candidate(_name(path), "student", "pipeline", str(path), model, type(scheduler), dict(scheduler.config),
                      1.0, f"pipeline folder with its own {type(scheduler).__name__}, guidance 1 (no student.json)",
                      {"class": type(pipe).__name__})
-
-
-def _dtype_kwarg() -> str:
-    from distill.teacher import _dtype_kwarg as kwarg
-
-    return kwarg()
 
 
 def _name(path: Path) -> str:

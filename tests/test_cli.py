@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
+import recipes
 
 ROOT = Path(cli.__file__).resolve().parent
 ALL_YAML = sorted((ROOT / "recipes" / "configs").rglob("*.yaml"))
@@ -37,7 +38,7 @@ def test_usage_error_keeps_clicks_exit_code():
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_yaml_loads_and_validates(path):
-    module, cfg = cli.load_recipe(path, [])
+    module, cfg = recipes.load(path, [])
     assert cfg.recipe == path.parent.name == module.__name__.split(".")[-1]
     # Every setting in the YAML is commented (conventions: a comment on each setting).
     for line in path.read_text().splitlines():

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 import cli
-import evals.run
+import evals.demo
 
 
 def test_demo_trains_exports_evaluates_and_reports(tmp_path, monkeypatch):
-    quick = functools.partial(evals.run.EvalSettings, latency_runs=2, latency_warmup=1, diversity_prompts=2,
+    quick = functools.partial(evals.demo.EvalSettings, latency_runs=2, latency_warmup=1, diversity_prompts=2,
                               diversity_samples=2, batch_size=8)
-    monkeypatch.setattr(evals.run, "EvalSettings", quick)
+    monkeypatch.setattr(evals.demo, "EvalSettings", quick)
     result = CliRunner().invoke(cli.main, ["demo", "--minutes", "0.05", "-n", "8", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
 

@@ -51,3 +51,10 @@ def test_a_failed_run_keeps_earlier_runs(tiny_sd_bert_path, tmp_path, out):
     result = train("lcm/emoji_sd_lora", f"teacher={tmp_path / 'nope'}", out)
     assert result.exit_code == 2
     assert (earlier / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_or_missing_tracker_is_named_before_any_model_loads(tmp_path, out):
+    result = train("lcm/emoji_sd_lora", "--report-to", "nonsense", f"teacher={tmp_path / 'no-teacher'}", out)
+    assert result.exit_code == 2 and "report_to=nonsense" in result.output and "tensorboard" in result.output
+    assert "no-teacher" not in result.output  # refused before the teacher was even looked at
+    assert not (tmp_path / "runs").exists()  # and before a run folder was made

@@ -10,7 +10,10 @@ from click.testing import CliRunner
 
 import cli
 from distill.errors import DataError
-from evals import report as R
+from evals.plots import GRID_FILE, PLOTS, sample_grid_png
+from evals.recommend import nice_ceil, pareto_front, recommend
+from evals.report import FILES, load, write
+from evals.schema import SCHEMA_VERSION, check, validate
 
 DEVICE = "cpu"
 
@@ -56,9 +59,9 @@ def make_report():
               {"name": "lora", "role": "student", "kind": "lora", "source": "s", "description": "LCM-LoRA",
                "scheduler": "LCMScheduler", "guidance_scale": 1.0, "cfg": False, "guidance_input": False}]
     floor = {"fd": 120.0, "kid": 0.1, "kid_std": 1.5, "precision": 0.85, "recall": 0.88, "align_top1": 0.6}
-    report = {"schema_version": R.SCHEMA_VERSION, "created": "2026-01-01T00:00:00+00:00", "command": None,
+    report = {"schema_version": SCHEMA_VERSION, "created": "2026-01-01T00:00:00+00:00", "command": None,
               "protocol": protocol, "models": models, "rows": rows, "floor": floor, "timings": {"total_s": 500.0}}
-    report["recommendations"] = R.recommend(report)
+    report["recommendations"] = recommend(report)
     return report
 
 
@@ -66,20 +69,20 @@ def make_report():
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     report = make_report()
-    grid = R.sample_grid_png([("teacher@50", np.zeros((3, 32, 32, 3), np.uint8)),
-                              ("lora@1", np.full((3, 16, 16, 3), 200, np.uint8))], ["a", "b", "c"])
-    html_path = R.write(report, out, grid)
+    grid = sample_grid_png([("teacher@50", np.zeros((3, 32, 32, 3), np.uint8)),
+                            ("lora@1", np.full((3, 16, 16, 3), 200, np.uint8))], ["a", "b", "c"])
+    html_path = write(report, out, grid)
     return out, report, html_path
 
 
 def test_every_file_is_written_and_the_json_follows_the_schema(written):
     out, report, html_path = written
     assert html_path == out / "report.html"
-    for name in R.FILES:
+    for name in FILES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for name in [*R.PLOTS.values(), R.GRID_FILE]:
+    for name in [*PLOTS.values(), GRID_FILE]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert R.validate(json.loads((out / "report.json").read_text())) == []
+    assert validate(json.loads((out / "report.json").read_text())) == []
     md = (out / "report.md").read_text()
     assert "FD-EffNet ↓" in md and "FID ↓" not in md and "real vs real (floor)" in md  # named by its network
 
@@ -96,25 +99,25 @@ def test_html_is_self_contained(written):
 
 def test_validator_names_what_is_wrong():
     report = make_report()
-    assert R.validate(report) == []
+    assert validate(report) == []
     broken = copy.deepcopy(report)
     del broken["rows"][1]["quality"]["fd"]
     broken["rows"][2]["nfe"] = "one"
     broken["protocol"]["fd_name"] = "FID-ish"
     broken["extra"] = 1
-    errors = R.validate(broken)
+    errors = validate(broken)
     assert any("$.rows[1].quality" in e and "'fd'" in e for e in errors)
     assert any("$.rows[2].nfe" in e and "integer" in e for e in errors)
     assert any("$.protocol.fd_name" in e for e in errors) and any("'extra'" in e for e in errors)
-    assert R.validate(True, {"type": "number"}) and R.validate(2.5, {"type": "integer"})  # bool is no number
+    assert validate(True, {"type": "number"}) and validate(2.5, {"type": "integer"})  # bool is no number
     with pytest.raises(DataError, match="schema"):
-        R.check(broken)
+        check(broken)
 
 
 def test_pareto_front_and_budgets():
     points = [(10, 5.0), (20, 3.0), (15, 6.0), (40, 3.0), (50, 1.0)]
-    assert R.pareto_front(points) == [0, 1, 4]
-    assert [R.nice_ceil(x) for x in (0.7, 1.0, 13.0, 44.0, 51.0, 999.0)] == [1, 1, 20, 50, 100, 1000]
+    assert pareto_front(points) == [0, 1, 4]
+    assert [nice_ceil(x) for x in (0.7, 1.0, 13.0, 44.0, 51.0, 999.0)] == [1, 1, 20, 50, 100, 1000]
 
 
 def test_recommendation_picks_the_best_quality_under_each_budget():
@@ -129,9 +132,9 @@ def test_recommendation_picks_the_best_quality_under_each_budget():
     assert not any("dominated" in r["text"] for r in report["recommendations"])
     assert not any("Timing noise" in r["text"] for r in report["recommendations"])
     report["rows"][3]["speed"]["loop_cv"] = 0.25
-    assert any("Timing noise" in r["text"] and "lora@2 (25%)" in r["text"] for r in R.recommend(report))
+    assert any("Timing noise" in r["text"] and "lora@2 (25%)" in r["text"] for r in recommend(report))
     report["rows"][4]["quality"]["fd"] = 230.0  # lora@4 now beats the teacher outright
-    note = next(r for r in R.recommend(report) if "dominated" in r["text"])
+    note = next(r for r in recommend(report) if "dominated" in r["text"])
     assert note["label"] == "lora@4" and "22.7× faster" in note["text"]
 
 
@@ -152,4 +155,4 @@ def test_report_refuses_a_missing_or_foreign_json(tmp_path):
     report["schema_version"] = "2.0.0"
     (tmp_path / "report.json").write_text(json.dumps(report))
     with pytest.raises(DataError, match="schema version 2.0.0"):
-        R.load(tmp_path)
+        load(tmp_path)

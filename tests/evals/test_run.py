@@ -10,48 +10,50 @@ import cli
 from evals import models
 from evals.calibrate import add_noise, blur, duplicate_rows
 from evals.emoji import load_emoji
-from evals.run import Measure, quality
+from evals.measure import Measure, quality
 
 PROMPTS = ["grinning face", "red heart", "dog face"]
 
 
 def _lora_run(root, teacher_path):
-    from distill.student import add_lora, save_lora
+    from distill.student import LoraStudent
     from distill.teacher import Teacher
 
     teacher = Teacher.from_pretrained(teacher_path)
-    add_lora(teacher.unet, rank=4)
+    student = LoraStudent(teacher, rank=4)
     with torch.no_grad():  # B starts at zero: randomise it so the LoRA changes the images
         g = torch.Generator().manual_seed(0)
         for name, p in teacher.unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    save_lora(teacher.unet, root / "lora_run" / "student", teacher.kind)
+    student.save_weights(root / "lora_run" / "student")
     _info(teacher, teacher_path, "lora", 1.0).save(root / "lora_run" / "student")
     return root / "lora_run"
 
 
 def _info(teacher, teacher_path, kind, guidance_scale):
-    from distill.student import StudentInfo
+    from distill.consistency import lcm_sampler
+    from distill.info import StudentInfo
 
     return StudentInfo(kind=kind, teacher=str(teacher_path), teacher_kind=teacher.kind,
-                       prediction_type=teacher.prediction_type, num_ddim_timesteps=50, timestep_scaling=10.0,
-                       w_min=1.0, w_max=3.0, guidance_scale=guidance_scale, teacher_guidance_scale=3.0, step=3)
+                       pipeline_class=type(teacher.pipe).__name__, prediction_type=teacher.prediction_type,
+                       sampler=lcm_sampler(50, 10.0, teacher.prediction_type, guidance_scale),
+                       teacher_guidance_scale=3.0, step=3,
+                       details=dict(num_ddim_timesteps=50, timestep_scaling=10.0, w_min=1.0, w_max=3.0))
 
 
 def _full_export(root, teacher_path):
     """A pipeline folder with an LCMScheduler and a UNet with a (randomised) guidance input, as `distill export` does."""
-    from distill.sampling import lcm_scheduler
-    from distill.student import build_full_student
+    from distill.student import build_full_network
     from distill.teacher import Teacher
 
     teacher = Teacher.from_pretrained(teacher_path)
-    unet = build_full_student(teacher.unet).eval()
+    unet = build_full_network(teacher.unet).eval()
     with torch.no_grad():
         unet.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
     info = _info(teacher, teacher_path, "full", 3.0)
     pipe = teacher.pipe
-    pipe.unet, pipe.scheduler = unet, lcm_scheduler(pipe.scheduler.config, info)
+    pipe.unet, pipe.scheduler = unet, info.sampler.build(pipe.scheduler.config)
     pipe.save_pretrained(str(root / "full"), safe_serialization=True)
     info.save(root / "full")
     return root / "full"
@@ -149,7 +151,8 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
                    "--teacher-steps", 3, "-n", 16, "--batch-size", 8, "--latency-runs", 2, "--latency-warmup", 1,
                    "--diversity-prompts", 2, "--diversity-samples", 2, "--out", out)
     assert result.exit_code == 0, result.output
-    from evals.report import FILES, validate
+    from evals.report import FILES
+    from evals.schema import validate
 
     assert all((out / name).is_file() for name in FILES)
     report = json.loads((out / "report.json").read_text())

@@ -1,0 +1,50 @@
+"""`distill demo`: the whole story on the embedded teacher, offline: train -> export -> eval -> report.
+
+Distils checkpoints/emoji-sd into an LCM-LoRA, exports it for plain diffusers, evaluates the teacher and the
+exported LoRA on the same prompts and seeds, and writes the report. Each stage prints the command that runs it
+on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+import recipes
+from evals.report import echo_summary
+from evals.run import run_eval
+from evals.settings import EvalSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = "lcm/emoji_sd_lora"
+DEMO_TEACHER = ROOT / "checkpoints" / "emoji-sd"
+
+
+def run_demo(minutes: float, num_samples: int, out: str | Path) -> Path:
+    """Train for `minutes`, export, evaluate at `num_samples` images per row under `out`; returns the run folder."""
+    from distill.export import export_run
+
+    started = time.monotonic()
+    overrides = [f"max_train_minutes={minutes}", f"output_dir={Path(out) / 'runs'}", "run_name=demo",
+                 "sample.every_steps=0", "resume_from_checkpoint=null"]
+    _stage(1, f"distill train {DEMO_CONFIG} {' '.join(overrides)}")
+    module, cfg = recipes.load(recipes.config_path(DEMO_CONFIG), overrides)
+    run_dir = Path(module.main(cfg))
+    _stage(2, f"distill export {run_dir} --out {run_dir / 'lora'}")
+    lora = export_run(run_dir, run_dir / "lora")
+    report_dir = run_dir / "report"
+    settings = EvalSettings(teacher=str(DEMO_TEACHER), out=str(report_dir), students=[str(lora)],
+                            num_samples=num_samples)
+    _stage(3, f"distill eval --teacher {DEMO_TEACHER.relative_to(ROOT)} --student {lora} "
+              f"--steps {','.join(map(str, settings.steps))} -n {num_samples} --out {report_dir}")
+    echo_summary(run_eval(settings), report_dir)
+    minutes_taken = (time.monotonic() - started) / 60
+    click.echo(f"demo done in {minutes_taken:.1f} min: LoRA {lora / 'pytorch_lora_weights.safetensors'}"
+               f", samples {run_dir / 'samples' / 'final.png'}")
+    return run_dir
+
+
+def _stage(number: int, command: str) -> None:
+    click.secho(f"\n[demo {number}/3] {command}", fg="cyan", err=True)

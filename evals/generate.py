@@ -1,0 +1,103 @@
+"""Generation for the eval: N images per (model, steps) in batches with the same per-sample seeds for every
+model, turned into features batch by batch and dropped; only the first few are kept for the sample grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from distill.memory import PeakMemory
+from evals import models, speed
+from evals.measure import Measure
+from evals.progress import Ticker
+from evals.settings import EvalSettings
+
+GRID_PROMPTS = 8
+
+
+@dataclass
+class Generated:
+    """What one (model, steps) generation leaves: features, embeddings, grid images, timings, memory, diversity."""
+
+    feats: torch.Tensor
+    embeddings: torch.Tensor | None
+    grid: torch.Tensor  # the first GRID_PROMPTS images, uint8 (G, H, W, 3)
+    clock: dict
+    peak: dict
+    diversity: float
+
+
+def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[list, float]:
+    """Conditioning for every batch of prompts, and the text encoder's ms per image (after the first batch)."""
+    conds, times = [], []
+    device = cand.model.device
+    for start in range(0, len(prompts), batch):
+        speed.sync(device)
+        t0 = time.perf_counter()
+        conds.append(models.encode(cand, prompts[start:start + batch]))
+        speed.sync(device)
+        times.append((time.perf_counter() - t0, len(prompts[start:start + batch])))
+    timed = times[1:] if len(times) > 1 else times
+    return conds, 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
+
+
+def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list, settings: EvalSettings,
+             measure: Measure, label: str) -> Generated:
+    """N images in batches (same per-sample seeds for every model) -> features and alignment embeddings."""
+    n, batch, device = len(prompts), settings.batch_size, cand.model.device
+    clock, feats, embs, grid = speed.StageClock(device), [], [], None
+    progress = Ticker(label, n)
+    peak = {"mb": 0.0, "kind": ""}
+    for b, start in enumerate(range(0, n, batch)):
+        idx = range(start, min(n, start + batch))
+        gens = models.sample_generators(settings.seed, idx)
+        noise = models.initial_noise(cand, gens)
+        clock.start_batch(len(idx))
+        with PeakMemory(device) as memory:  # the model's own memory: the feature net runs outside
+            z = clock.time("loop", models.denoise, cand, steps, conds[b], noise, gens)
+            images = clock.time("decode", models.decode, cand, z).cpu()
+        peak = {"mb": max(peak["mb"], memory.mb), "kind": memory.kind}
+        f = measure.features(images)
+        feats.append(f)
+        embs.append(measure.embed_images(images, f))
+        grid = _keep_for_grid(grid, images)
+        progress.update(idx.stop)
+    div = diversity(cand, steps, prompts, settings, measure)
+    return Generated(torch.cat(feats), None if embs[0] is None else torch.cat(embs), torch.from_numpy(grid),
+                     clock.summary(), peak, div)
+
+
+def _keep_for_grid(grid: np.ndarray | None, images: torch.Tensor) -> np.ndarray:
+    """The first GRID_PROMPTS images seen so far, uint8 (G, H, W, 3)."""
+    from distill.images import to_uint8
+
+    if grid is not None and len(grid) >= GRID_PROMPTS:
+        return grid
+    kept = to_uint8(images[:GRID_PROMPTS])
+    return kept if grid is None else np.concatenate([grid, kept])[:GRID_PROMPTS]
+
+
+def diversity_prompts(prompts: list[str], count: int) -> list[str]:
+    """The first `count` distinct prompts."""
+    return list(dict.fromkeys(prompts))[:count]
+
+
+def diversity(cand: models.Candidate, steps: int, prompts: list[str], settings: EvalSettings,
+              measure: Measure) -> float:
+    """Mean pairwise feature distance among K samples (different seeds) of each of P prompts."""
+    from evals.metrics import diversity as metric
+
+    chosen = diversity_prompts(prompts, settings.diversity_prompts)
+    k = settings.diversity_samples
+    repeated = [p for p in chosen for _ in range(k)]
+    feats = []
+    for start in range(0, len(repeated), settings.batch_size):
+        part = repeated[start:start + settings.batch_size]
+        gens = models.sample_generators(settings.seed, range(start, start + len(part)), models.DIVERSITY_STREAM)
+        z = models.denoise(cand, steps, models.encode(cand, part), models.initial_noise(cand, gens), gens)
+        feats.append(measure.features(models.decode(cand, z).cpu()))
+    return metric(torch.cat(feats).view(len(chosen), k, -1))

@@ -1,0 +1,37 @@
+"""report.md: the report as markdown, its plots and sample grid linked beside it."""
+
+from __future__ import annotations
+
+from evals.plots import GRID_FILE, PLOTS
+from evals.tables import (MODEL_HEAD, bar_lines, latency_table, mem_note, models_rows, protocol_items, quality_table,
+                          throughput_table, timings_line)
+
+
+def render_markdown(report: dict) -> str:
+    """The whole report.md."""
+    p = report["protocol"]
+    out = [f"# Distillation report: {p['teacher']}", "",
+           f"{len(report['rows'])} configurations, N = {p['n']}, {p['device']} ({p['device_name']}), {p['dtype']}; "
+           f"created {report['created']}.", "", "## Recommendation", ""]
+    out += [f"- {r['text']}" for r in report["recommendations"]]
+    out += ["", "## Quality", "", _md_table(*quality_table(report)), "",
+            f"![quality vs steps]({PLOTS['quality_vs_steps']})", "", "## Speed", "",
+            f"Latency at batch 1 (p50 per stage; mem: {mem_note(report)}):", "", _md_table(*latency_table(report)), "",
+            f"Throughput at batch {p['batch_size']} (the quality run itself):", "",
+            _md_table(*throughput_table(report)), "",
+            "Denoising-loop speedup against the NFE ratio (the bar: within 10% at batch "
+            f"{p['batch_size']}):", ""]
+    out += [f"- {line}" for line in bar_lines(report)]
+    out += ["", f"![quality vs latency]({PLOTS['quality_vs_latency']})", "",
+            f"![time breakdown]({PLOTS['time_breakdown']})", "", "## Samples (same prompts, same seeds)", "",
+            f"![samples]({GRID_FILE})", "", "## Models", "", _md_table(MODEL_HEAD, models_rows(report)), "",
+            "## Protocol", ""]
+    out += [f"- **{k}**: {v}" for k, v in protocol_items(report)]
+    out += ["", "## Eval timings (s)", "", timings_line(report), ""]
+    return "\n".join(out)
+
+
+def _md_table(head: list[str], body: list[list[str]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(esc(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(esc(c) for c in row) + " |" for row in body])

@@ -1,0 +1,65 @@
+"""What `distill eval` is asked for: `EvalSettings`, the single source of every option's default.
+
+cli.py reads its option defaults from here (`defaults()`), so a default is changed in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from distill.errors import ConfigError
+
+
+@dataclass
+class EvalSettings:
+    """What `distill eval` was asked for (its options, one for one)."""
+
+    teacher: str
+    out: str
+    students: list[str] = field(default_factory=list)
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    teacher_steps: int = 50
+    num_samples: int = 1000
+    prompts: str | None = None
+    reference: str = "emoji:32"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    batch_size: int = 64
+    guidance_scale: float | None = None
+    baseline_guidance: float | None = None
+    seed: int = 0
+    feature_net: str = "effnet-lite0"
+    feature_resolution: int = 128  # EffNet input size; 128 is what evals/calibrate.py uses
+    alignment: str = "emoji-align"
+    price_per_gpu_hour: float = 2.0
+    compile: bool = False
+    latency_runs: int = 20
+    latency_warmup: int = 3
+    diversity_prompts: int = 8
+    diversity_samples: int = 4
+
+    def check(self) -> None:
+        """Raise ConfigError for settings no eval can run with."""
+        if self.num_samples < 4:
+            raise ConfigError(f"--num-samples {self.num_samples} is too small for FD/KID/precision: use 4 or more.")
+        if not self.steps or any(s < 1 for s in self.steps) or self.teacher_steps < 1:
+            raise ConfigError("--steps and --teacher-steps must be positive step counts, e.g. --steps 1,2,4,8.")
+        if self.batch_size < 1 or self.latency_runs < 1:
+            raise ConfigError("--batch-size and --latency-runs must be 1 or more.")
+        if self.diversity_samples < 2:
+            raise ConfigError("--diversity-samples must be 2 or more (diversity compares samples of one prompt).")
+        if self.price_per_gpu_hour < 0:
+            raise ConfigError("--price-per-gpu-hour must not be negative.")
+
+
+
+def defaults() -> dict:
+    """The default of every field that has one, by name (default factories called); required fields left out."""
+    out = {}
+    for f in dataclasses.fields(EvalSettings):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
