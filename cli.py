@@ -202,6 +202,15 @@ def _setting(*decls: str, **kwargs):
 @_setting("--latency-warmup", help="Untimed batch-1 runs before those.")
 @_setting("--diversity-prompts", help="Prompts sampled several times for diversity.")
 @_setting("--diversity-samples", help="Seeds per diversity prompt.")
+@_setting("--baseline", "baselines", multiple=True,
+          help="A training-free sampler of the teacher, Class[:key=value,...]@g1,g2 (repeatable; replaces the "
+               "default sweep; `--baseline none` for the old single DDIM baseline).")
+@_setting("--sweep-samples", help="Screening N of the sampler sweep and control rows (0: the full N).")
+@_setting("--control/--no-control", "control", help="Per student, the untrained teacher with its sampler.")
+@_setting("--cascade", "cascades", multiple=True,
+          help="A draft-then-refine row: STUDENT@k+teacher@m:strength[:cfg], e.g. RUN@2+teacher@2:0.3 (repeatable).")
+@_setting("--student-sampler",
+          help="Sampler of students without student.json (a plain LoRA or pipeline), e.g. LCMScheduler@1.")
 def eval_command(**options):
     """Quality and speed of teacher and students at 1-8 steps: distill eval --teacher checkpoints/emoji-sd --student runs/002-lcm-emoji_sd_lora --out outputs/eval
 
@@ -210,7 +219,10 @@ def eval_command(**options):
     from evals.report import echo_summary
     from evals.run import run_eval
 
-    settings = EvalSettings(**{**options, "students": list(options["students"])})  # option names = field names
+    baselines = list(options["baselines"]) or EVAL["baselines"]
+    options.update(students=list(options["students"]), cascades=list(options["cascades"]),
+                   baselines=[] if baselines == ["none"] else baselines)
+    settings = EvalSettings(**options)  # option names = field names
     echo_summary(run_eval(settings), Path(settings.out))
 
 

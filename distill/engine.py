@@ -26,6 +26,7 @@ from distill import runs
 from distill.budget import Budget
 from distill.checkpoint import load_module, save_module
 from distill.errors import ConfigError
+from distill.device import device_name
 from distill.memory import peak_mb
 from distill.optim import lr_multiplier
 from distill.progress import Progress
@@ -315,10 +316,13 @@ def _report(accelerator, loop: Loop, budget: Budget, step: int, first_step: int,
     rate = steps_done / seconds if seconds else None
     return {
         "steps": step, "minutes": round(budget.minutes(), 2), "steps_this_session": steps_done,
+        "device": device_name(accelerator.device), "processes": accelerator.num_processes,
+        "device_hours": round(budget.minutes() / 60 * accelerator.num_processes, 4),
+        "samples_seen": step * _samples_per_step(accelerator, loop),
         "steps_per_second": round(rate, 3) if rate else None,
         "samples_per_second": round(rate * _samples_per_step(accelerator, loop), 1) if rate else None,
         "peak_memory_mb": round(memory_mb), "peak_memory_kind": memory_kind,
-        "processes": accelerator.num_processes, "mixed_precision": loop.mixed_precision,
+        "mixed_precision": loop.mixed_precision,
         **losses.summary(),
     }
 

@@ -40,8 +40,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path 
     except Exception:
         shutil.rmtree(out, ignore_errors=True)  # no half-written export that looks finished
         raise
+    numbers = _training_numbers(Path(run_dir))
+    info.training = info.training or numbers or None  # what making it cost travels with the export
     info.save(out)
-    (out / "README.md").write_text(model_card(info, out, _training_numbers(Path(run_dir))))
+    (out / "README.md").write_text(model_card(info, out, numbers))
     return out
 
 
@@ -82,7 +84,9 @@ def _training_numbers(run_dir: Path) -> dict:
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
-    return {k: report[k] for k in ("steps", "minutes", "samples_per_second", "peak_memory_mb") if k in report}
+    keys = ("steps", "minutes", "device", "device_hours", "samples_seen", "processes", "samples_per_second",
+            "peak_memory_mb")
+    return {k: report[k] for k in keys if k in report}
 
 
 def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str:

@@ -55,6 +55,7 @@ class StudentInfo:
     step: int = 0
     details: dict = field(default_factory=dict)  # the method's own settings (e.g. LCM's N, omega range)
     feature_network: str | None = None  # what a discriminator saw, for adversarial methods
+    training: dict | None = None  # what making it cost (steps, minutes, device, device_hours, samples_seen), if known
 
     @property
     def guidance_scale(self) -> float:

@@ -112,7 +112,8 @@ def sample_grid(
     teacher_steps: int | None = None, guidance_scale: float | None = None, device: str | torch.device | None = None,
 ) -> Path:
     """Write a PNG grid: one row per prompt, one column per student step count, then (with `teacher_steps`)
-    the teacher with its own scheduler at that many steps. Every column starts from the same seed.
+    the teacher with its own scheduler at that many steps. Every column starts from the same seed. Rows are labelled
+    with their prompt, columns with model and steps ("student@2", "teacher@50").
 
     source: a run folder, or an export (LoRA folder or pipeline folder). guidance_scale: what the student
     pipeline is called with (default: the one recorded at training, 1 + mid omega for a full student,
@@ -135,17 +136,20 @@ def sample_grid(
         teacher_column = _images(teacher_pipe, prompts, teacher_steps, seed, info.teacher_guidance_scale)
         if (source / "model_index.json").is_file():
             teacher_pipe = None  # a pipeline export brings its own components
+    name = "student"
     if (source / "model_index.json").is_file() and not (source / INFO_FILE).is_file():
         # A plain pipeline (a teacher): its own scheduler; diffusers' default guidance unless given.
         pipe = DiffusionPipeline.from_pretrained(str(source), **_no_safety(source)).to(_device(device))
-        scale = 7.5 if guidance_scale is None else guidance_scale
+        scale, name = (7.5 if guidance_scale is None else guidance_scale), "pipeline"
     else:
         pipe, info = load_student_pipeline(source, teacher_pipe, device)
         scale = info.guidance_scale if guidance_scale is None else guidance_scale
     columns = [_images(pipe, prompts, s, seed, scale) for s in steps]
+    names = [f"{name}@{s}" for s in steps]
     if teacher_column is not None:
         columns.append(teacher_column)
-    return save_grid([list(row) for row in zip(*columns)], Path(out_path))
+        names.append(f"teacher@{teacher_steps}")
+    return save_grid([list(row) for row in zip(*columns)], Path(out_path), labels=(prompts, names))
 
 
 def _info_folder(source: Path) -> Path:

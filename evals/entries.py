@@ -5,15 +5,15 @@ protocol that says how everything was measured, and the whole report dict with s
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
+from distill.device import device_name
+
 from evals import models, speed
+from evals.decision import decide
 from evals.generate import Generated
 from evals.measure import Measure
 from evals.recommend import recommend
@@ -26,13 +26,15 @@ def row_entry(cand: models.Candidate, steps: int, gen: Generated, text_ms: float
     """A row's identity and speed; quality and the comparison with the teacher are added later."""
     stage = dict(gen.clock["stage_ms_per_image"], text=text_ms)
     per_image_ms = sum(stage.values())
-    return {
+    extra = {k: cand.metadata[k] for k in ("training", "feature_network", "control_of") if cand.metadata.get(k)}
+    return extra | {
         "label": cand.label(steps), "model": cand.name, "role": cand.role, "kind": cand.kind, "steps": steps,
         "scheduler": cand.scheduler_name, "guidance_scale": cand.guidance_scale, "cfg": cand.cfg,
         "guidance_input": cand.guidance_input, "nfe": cand.nfe(steps),
         "speed": {"latency": lat, "batch_size": batch, "stage_ms_per_image": stage,
                   "throughput_img_s": 1000 / per_image_ms, "peak_mem_mb": gen.peak["mb"], "mem_kind": gen.peak["kind"],
                   "generation_s": gen.clock["seconds"], "loop_cv": gen.clock["loop_cv"],
+                  "warmup_s": gen.clock["warmup_s"],
                   "weights_mb": models.weights_mb(cand.model)},
     }
 
@@ -57,9 +59,11 @@ def _model_entry(cand: models.Candidate) -> dict:
             "metadata": {k: v for k, v in cand.metadata.items() if isinstance(v, (str, int, float, bool))}}
 
 
-def assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings) -> dict:
-    """The report dict (see evals/schema.json): protocol, models, rows with speedups and cost, floor."""
+def assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings,
+             sweep=()) -> dict:
+    """The report dict (see evals/schema.json): protocol, models, rows with speedups and cost, the sweep, floor."""
     _compare_with_teacher(rows, settings.price_per_gpu_hour)
+    decide(rows, list(sweep), settings.price_per_gpu_hour, settings.feature_net)
     timings["features_s"] = measure.seconds["features"]
     timings["features_img_s"] = measure.images / max(measure.seconds["features"], 1e-9)
     timings["alignment_s"] = measure.seconds["alignment"]
@@ -68,7 +72,7 @@ def assemble(settings, device, prompts, prompt_source, real, measure, floor, row
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("distill") else None,
         "protocol": protocol(settings, device, prompt_source, real, measure, state, len(prompts)),
-        "models": model_info, "rows": rows, "floor": floor,
+        "models": model_info, "rows": rows, "floor": floor, "sweep": list(sweep),
         "timings": {k: float(v) for k, v in timings.items()},
     }
     report["recommendations"] = recommend(report)
@@ -95,24 +99,10 @@ def versions() -> dict[str, str]:
     return {"diffusers": diffusers.__version__, **found}
 
 
-def cpu_name() -> str:
-    """The CPU model and how many cores this process may use, e.g. 'Intel(R) Xeon(R) Processor, 2 cores'."""
-    name = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores"
-
-
 def protocol(settings: EvalSettings, device: str, prompt_source: str, real: RealSet | None, measure: Measure,
              state: dict, n: int) -> dict:
     """How every number was measured: N, seeds, prompts, reference, metrics, device, timing, versions, settings."""
-    device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name()
+    name = device_name(device)
     return {
         "n": n, "seed": settings.seed,
         "seeds": f"sample i of every model: torch.Generator().manual_seed(({settings.seed} << 32) + i) on CPU for its "
@@ -130,7 +120,7 @@ def protocol(settings: EvalSettings, device: str, prompt_source: str, real: Real
                       "metric": "mean pairwise feature distance among one prompt's samples, averaged over prompts"},
         "alignment": measure.describe(),
         "teacher": settings.teacher, "teacher_steps": settings.teacher_steps, "steps": list(settings.steps),
-        "device": device, "device_name": device_name, "dtype": settings.dtype,
+        "device": device, "device_name": name, "dtype": settings.dtype,
         "threads": torch.get_num_threads(), "batch_size": settings.batch_size, "compile": settings.compile,
         "latency": {"runs": settings.latency_runs, "warmup": settings.latency_warmup, "batch_size": 1},
         "price_per_gpu_hour": settings.price_per_gpu_hour,

@@ -29,6 +29,7 @@ class Generated:
     clock: dict
     peak: dict
     diversity: float
+    collapse: float | None = None  # share of prompts whose samples over seeds are near-duplicates (None: no tau)
 
 
 def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[list, float]:
@@ -66,9 +67,9 @@ def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list
         embs.append(measure.embed_images(images, f))
         grid = _keep_for_grid(grid, images)
         progress.update(idx.stop)
-    div = diversity(cand, steps, prompts, settings, measure)
+    div, collapse = diversity(cand, steps, prompts, settings, measure)
     return Generated(torch.cat(feats), None if embs[0] is None else torch.cat(embs), torch.from_numpy(grid),
-                     clock.summary(), peak, div)
+                     clock.summary(), peak, div, collapse)
 
 
 def _keep_for_grid(grid: np.ndarray | None, images: torch.Tensor) -> np.ndarray:
@@ -87,9 +88,11 @@ def diversity_prompts(prompts: list[str], count: int) -> list[str]:
 
 
 def diversity(cand: models.Candidate, steps: int, prompts: list[str], settings: EvalSettings,
-              measure: Measure) -> float:
-    """Mean pairwise feature distance among K samples (different seeds) of each of P prompts."""
-    from evals.metrics import diversity as metric
+              measure: Measure) -> tuple[float, float | None]:
+    """(mean pairwise feature distance among K samples (different seeds) of each of P prompts, the share of those
+    prompts whose samples are near-duplicates under the calibrated threshold, or None without one)."""
+    from evals.calibrate import collapse_tau
+    from evals.metrics import collapse_rate, diversity as metric
 
     chosen = diversity_prompts(prompts, settings.diversity_prompts)
     k = settings.diversity_samples
@@ -100,4 +103,6 @@ def diversity(cand: models.Candidate, steps: int, prompts: list[str], settings: 
         gens = models.sample_generators(settings.seed, range(start, start + len(part)), models.DIVERSITY_STREAM)
         z = models.denoise(cand, steps, models.encode(cand, part), models.initial_noise(cand, gens), gens)
         feats.append(measure.features(models.decode(cand, z).cpu()))
-    return metric(torch.cat(feats).view(len(chosen), k, -1))
+    grouped = torch.cat(feats).view(len(chosen), k, -1)
+    tau = collapse_tau(settings.feature_net, settings.feature_resolution, cand.model.resolution()[0], k=k)
+    return metric(grouped), None if tau is None else collapse_rate(grouped, tau)

@@ -10,8 +10,9 @@ import re
 
 from evals.plots import GRID_FILE, PLOTS
 from evals.recommend import NOISY_CV
-from evals.tables import (MODEL_HEAD, bar_lines, latency_table, mem_note, models_rows, protocol_items, quality_columns,
-                          quality_table, throughput_table, timings_line)
+from evals.tables import (DECISION_NOTE, FLOOR_NOTE, MODEL_HEAD, SWEEP_NOTE, bar_lines, decision_rows, decision_table,
+                          latency_table, mem_note, models_rows, protocol_items, quality_columns, quality_table,
+                          sweep_entries, sweep_table, sweep_title, throughput_table, timings_line)
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -25,6 +26,9 @@ tr.floor td { color: #555; font-style: italic; background: #fafafa; } tr.teacher
 td.best { font-weight: 700; } td.t, th.t { text-align: left; } h3 { font-size: 15px; margin: 18px 0 4px; }
 .wrap { overflow-x: auto; } img { max-width: 100%; height: auto; }
 ul.rec li { margin: 4px 0; } ul.rec li.budget { font-weight: 500; }
+ul.rec li.warning { font-weight: 700; color: #9a3412; }
+tr.best-sampler td { font-weight: 700; background: #f3fbf3; } tr.control td { color: #555; font-style: italic; }
+tr.own td { background: #f6f9ff; }
 dl { display: grid; grid-template-columns: 140px 1fr; gap: 4px 12px; font-size: 13px; }
 dt { font-weight: 600; color: #444; } dd { margin: 0; }
 .note { color: #555; font-size: 13px; }
@@ -68,6 +72,21 @@ def _best_cells(report: dict) -> set[tuple[int, int]]:
     return best
 
 
+def _decision_sections(report: dict) -> str:
+    """The decision matrix and the training-free sweep (★ rows bold, controls in italics), where present."""
+    e, out = html.escape, ""
+    if decision_rows(report):
+        out += (f"<h2>Decision matrix</h2>\n{_html_table(*decision_table(report))}\n"
+                f"<p class=\"note\">{e(DECISION_NOTE)}</p>\n")
+    title = sweep_title(report)
+    if title:
+        kind = {"control": "control", "student": "own", "cascade": "own"}
+        classes = ["best-sampler" if x["best"] else kind.get(x["kind"], "") for x in sweep_entries(report)]
+        out += (f"<h2>{e(title)}</h2>\n{_html_table(*sweep_table(report), classes=classes)}\n"
+                f"<p class=\"note\">{e(SWEEP_NOTE)}</p>\n")
+    return out
+
+
 def _inline_png(images: dict[str, bytes], name: str, alt: str) -> str:
     """An <img> carrying the PNG itself, or a note where it is missing."""
     e = html.escape
@@ -82,7 +101,8 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
     img = lambda name, alt: _inline_png(images, name, alt)  # noqa: E731
     rows = report["rows"]
     classes = ["teacher" if r["role"] == "teacher" else "" for r in rows] + ["floor"]
-    rec = "".join(f'<li class="{"budget" if r["kind"] == "latency_budget" else ""}">{_code(e(r["text"]))}</li>'
+    kinds = {"latency_budget": "budget", "warning": "warning"}
+    rec = "".join(f'<li class="{kinds.get(r["kind"], "")}">{_code(e(r["text"]))}</li>'
                   for r in report["recommendations"])
     protocol = "".join(f"<dt>{e(k)}</dt><dd>{e(v)}</dd>" for k, v in protocol_items(report))
     bar = "".join(f"<li>{e(line)}</li>" for line in bar_lines(report))
@@ -95,10 +115,10 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <p class="sub">{len(rows)} configurations · N = {p['n']} · {e(p['device'])} ({e(p['device_name'])}) ·
 {e(p['dtype'])} · schema {e(report['schema_version'])} · {e(report['created'])}</p>
 <h2>Recommendation</h2><ul class="rec">{rec}</ul>
+{_decision_sections(report)}
 <h2>Quality</h2>
 {_html_table(*quality_table(report), classes=classes, best=_best_cells(report))}
-<p class="note">Bold: best generated value in the column (not for diversity). Teacher rows shaded; the real-vs-real floor is the best any
-generator can score at this N.</p>
+<p class="note">Bold: best generated value in the column (not for diversity). Teacher rows shaded. {e(FLOOR_NOTE)}</p>
 {img(PLOTS['quality_vs_steps'], 'quality vs steps')}
 <h2>Speed</h2>
 <h3>Latency at batch 1</h3><p class="note">p50 of each stage over the timed runs; speedups against {e(rows[0]['label'])};

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from evals.plots import GRID_FILE, PLOTS
-from evals.tables import (MODEL_HEAD, bar_lines, latency_table, mem_note, models_rows, protocol_items, quality_table,
+from evals.tables import (DECISION_NOTE, FLOOR_NOTE, MODEL_HEAD, SWEEP_NOTE, bar_lines, decision_rows, decision_table,
+                          latency_table, mem_note, models_rows, protocol_items, quality_table, sweep_table, sweep_title,
                           throughput_table, timings_line)
 
 
@@ -13,8 +14,9 @@ def render_markdown(report: dict) -> str:
     out = [f"# Distillation report: {p['teacher']}", "",
            f"{len(report['rows'])} configurations, N = {p['n']}, {p['device']} ({p['device_name']}), {p['dtype']}; "
            f"created {report['created']}.", "", "## Recommendation", ""]
-    out += [f"- {r['text']}" for r in report["recommendations"]]
-    out += ["", "## Quality", "", _md_table(*quality_table(report)), "",
+    out += [f"- {'**' + r['text'] + '**' if r['kind'] == 'warning' else r['text']}" for r in report["recommendations"]]
+    out += _decision_sections(report)
+    out += ["", "## Quality", "", _md_table(*quality_table(report)), "", FLOOR_NOTE, "",
             f"![quality vs steps]({PLOTS['quality_vs_steps']})", "", "## Speed", "",
             f"Latency at batch 1 (p50 per stage; mem: {mem_note(report)}):", "", _md_table(*latency_table(report)), "",
             f"Throughput at batch {p['batch_size']} (the quality run itself):", "",
@@ -29,6 +31,17 @@ def render_markdown(report: dict) -> str:
     out += [f"- **{k}**: {v}" for k, v in protocol_items(report)]
     out += ["", "## Eval timings (s)", "", timings_line(report), ""]
     return "\n".join(out)
+
+
+def _decision_sections(report: dict) -> list[str]:
+    """The decision matrix and the training-free sweep, where the report has them."""
+    out = []
+    if decision_rows(report):
+        out += ["", "## Decision matrix", "", _md_table(*decision_table(report)), "", DECISION_NOTE]
+    title = sweep_title(report)
+    if title:
+        out += ["", f"## {title}", "", _md_table(*sweep_table(report)), "", SWEEP_NOTE]
+    return out
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:

@@ -1,7 +1,7 @@
 """Distribution metrics on features computed once (see `evals.features.features`).
 
 FD and KID are torchmetrics' own computations, fed the features through a pass-through
-module; precision/recall and diversity are written here (torchmetrics has neither).
+module; precision/recall, diversity and the collapse rate are written here (torchmetrics has none of them).
 Name FD by its network: "FD-EffNet" for the offline default, "FID" only with InceptionV3.
 FD is strongly biased at small N on 1280-d features: compare models at equal N, and report
 KID (unbiased) beside it.
@@ -89,18 +89,38 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: 
     return precision, recall
 
 
+def pairwise_spread(groups: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise feature distance among the K samples of each prompt: (P, K, D) -> (P,) float64.
+
+    spread_p = 2 / (K (K - 1)) * sum_{i<j} ||f_{p,i} - f_{p,j}||_2, K >= 2. 0 when a prompt's samples are
+    identical. `diversity` is its mean over prompts; `collapse_rate` thresholds it.
+    """
+    num = groups.shape[1]
+    if groups.dim() != 3 or num < 2:
+        raise ValueError(f"pairwise_spread needs (P, K, D) features with K >= 2, got shape {tuple(groups.shape)}")
+    dist = torch.cdist(groups.double(), groups.double())  # (P, K, K), symmetric, zero diagonal
+    return dist.sum(dim=(1, 2)) / (num * (num - 1))
+
+
 def diversity(groups: torch.Tensor) -> float:
     """Mean pairwise feature distance among the K samples of each prompt, averaged over prompts.
 
-    diversity = mean_p [ 2 / (K (K - 1)) * sum_{i<j} ||f_{p,i} - f_{p,j}|| ]. groups: (P, K, D), K >= 2.
-    0 when every prompt's samples are identical (mode collapse); in the spirit of the LPIPS
-    diversity of Zhu et al. 2017 (BicycleGAN), on the feature network's space.
+    diversity = mean_p spread_p = mean_p [ 2 / (K (K - 1)) * sum_{i<j} ||f_{p,i} - f_{p,j}|| ] (`pairwise_spread`).
+    groups: (P, K, D), K >= 2. 0 when every prompt's samples are identical (mode collapse); in the spirit of the
+    LPIPS diversity of Zhu et al. 2017 (BicycleGAN), on the feature network's space.
     """
-    num = groups.shape[1]
-    if num < 2:
-        raise ValueError(f"diversity needs at least 2 samples per prompt, got {num}")
-    dist = torch.cdist(groups.double(), groups.double())  # (P, K, K), symmetric, zero diagonal
-    return float(dist.sum(dim=(1, 2)).mean() / (num * (num - 1)))
+    return float(pairwise_spread(groups).mean())
+
+
+def collapse_rate(groups: torch.Tensor, tau: float) -> float:
+    """Fraction of prompts whose K samples are near-duplicates of each other, in [0, 1].
+
+    collapse_rate = mean_p [ spread_p < tau ], spread_p from `pairwise_spread`. groups: (P, K, D), K >= 2; tau in
+    the feature network's distance units, calibrated for one network, resolution and K
+    (`evals.calibrate.collapse_tau`): real emoji and their skin-tone variants score near 0, noisy copies of one
+    image near 1.
+    """
+    return float((pairwise_spread(groups) < tau).double().mean())
 
 
 def distribution_metrics(

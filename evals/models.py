@@ -97,84 +97,143 @@ def default_guidance(pipe) -> float:
 def load_teacher(source: str, device: str, dtype: torch.dtype, guidance_scale: float | None,
                  baseline_guidance: float | None, compile_unet: bool = False) -> tuple[Candidate, Candidate]:
     """(teacher with its own scheduler, teacher with DDIM trailing) sharing one loaded pipeline."""
-    from diffusers import DDIMScheduler
-
     model = Teacher.from_pretrained(source, torch_dtype=dtype, device=device)
     _maybe_compile(model, compile_unet)
     scale = default_guidance(model.pipe) if guidance_scale is None else float(guidance_scale)
     own = model.scheduler
     usual = Candidate("teacher", "teacher", "teacher", source, model, type(own), dict(own.config), scale,
                       f"teacher, its own {type(own).__name__}", {"class": type(model.pipe).__name__})
-    ddim_config = dict(DDIMScheduler.from_config(own.config, timestep_spacing="trailing").config)
-    # Latents are not in [-1, 1]: never clip them (a pixel-space teacher keeps its own setting).
-    ddim_config.update(timestep_spacing="trailing", clip_sample=False if model.vae is not None else
-                       own.config.get("clip_sample", True))
     base_scale = scale if baseline_guidance is None else float(baseline_guidance)
-    baseline = Candidate("teacher", "teacher", "teacher", source, model, DDIMScheduler, ddim_config, base_scale,
-                         "teacher, DDIM with trailing timesteps (no distillation)", usual.metadata)
+    baseline = teacher_candidate(model, source, "DDIMScheduler", {"timestep_spacing": "trailing"}, base_scale,
+                                 "teacher", "teacher, DDIM with trailing timesteps (no distillation)")
     return usual, baseline
 
 
+def teacher_candidate(model: Teacher, source: str, scheduler: str, settings: dict, guidance: float, name: str,
+                      description: str) -> Candidate:
+    """The loaded teacher sampled with another diffusers scheduler (built from its own config + `settings`)."""
+    import diffusers
+
+    cls = getattr(diffusers, scheduler)
+    config = dict(cls.from_config(model.scheduler.config, **settings).config)
+    config.update(settings)
+    if "clip_sample" in config and model.vae is not None:
+        config["clip_sample"] = False  # latents are not in [-1, 1]: never clip them
+    return Candidate(name, "teacher", "teacher", source, model, cls, config, float(guidance), description,
+                     {"class": type(model.pipe).__name__, "scheduler_settings": str(settings or "")})
+
+
 def check_student(source: str) -> None:
-    """ModelError now if `source` cannot be a student: no folder, or no pipeline / student.json / run student in it."""
+    """ModelError now if `source` cannot be a student: no folder, or no pipeline / student.json / LoRA file / run
+    student in it."""
+    from distill.info import INFO_FILE, LORA_WEIGHTS
     from distill.runs import student_folder
-    from distill.info import INFO_FILE
 
     path = Path(source)
     if not path.exists():
         raise ModelError(f"Student {source} does not exist; pass a run folder, a LoRA export or a pipeline export.")
-    if not ((path / "model_index.json").is_file() or (path / INFO_FILE).is_file()):
+    if not any((path / f).is_file() for f in ("model_index.json", INFO_FILE, LORA_WEIGHTS)):
         student_folder(path)  # raises a ModelError naming what the run folder lacks
 
 
-def load_student(source: str, teacher_source: str, device: str, dtype: torch.dtype,
-                 compile_unet: bool = False) -> Candidate:
+def load_student(source: str, teacher_source: str, device: str, dtype: torch.dtype, compile_unet: bool = False,
+                 sampler: str | None = None) -> Candidate:
     """A student from a run folder, a LoRA export or a pipeline export, sampled as its metadata says.
 
     A LoRA is loaded into a fresh copy of the `--teacher` pipeline, fused and unloaded (deployment form).
-    A pipeline folder without distill's student.json is used as it is: its own scheduler, guidance 1.
+    Without distill's student.json (a pipeline folder, or a bare `pytorch_lora_weights.safetensors` such as a
+    published LCM-LoRA), `sampler` (Class[:k=v]@g, e.g. "LCMScheduler@1") says how to sample it; by default its own
+    scheduler (or the teacher's) at guidance 1.
     """
+    from distill.info import INFO_FILE
     from distill.sampling import load_student_pipeline
 
     check_student(source)
     path = Path(source)
+    if not (path / INFO_FILE).is_file() and ((path / "model_index.json").is_file() or _bare_lora(path)):
+        return _foreign(path, teacher_source, device, dtype, compile_unet, sampler)
     is_pipeline = (path / "model_index.json").is_file()
-    if is_pipeline and not (path / "student.json").is_file():
-        return _plain_pipeline(path, device, dtype, compile_unet)
     base = None if is_pipeline else Teacher.from_pretrained(teacher_source, torch_dtype=dtype, device=device).pipe
     pipe, info = load_student_pipeline(path, teacher_pipe=base, device=device)
-    if info.kind == "lora":
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
-    pipe.to(device=device, dtype=dtype)
-    model = Teacher(pipe, source=str(path))
-    _maybe_compile(model, compile_unet)
-    scheduler = pipe.scheduler
+    adapter_mb = _fuse(pipe) if info.kind == "lora" else None
+    model = _model(pipe, path, device, dtype, compile_unet)
     kind = "lora" if info.kind == "lora" else "full"
     what = (f"{info.method.upper()}-LoRA fused into the teacher" if kind == "lora"
             else f"{info.method.upper()}, full student network")
     metadata = {"teacher": info.teacher, **info.details, "guidance_scale": info.guidance_scale,
                 "teacher_guidance_scale": info.teacher_guidance_scale, "step": info.step, "method": info.method,
-                "sampler": info.sampler.scheduler}
+                "sampler": info.sampler.scheduler, "feature_network": info.feature_network or "",
+                "adapter_mb": adapter_mb, "training": info.training or _run_training(path)}
+    scheduler = pipe.scheduler
     return Candidate(_name(path), "student", kind, str(path), model, type(scheduler), dict(scheduler.config),
                      float(info.guidance_scale), what, metadata)
 
 
-def _plain_pipeline(path: Path, device: str, dtype: torch.dtype, compile_unet: bool) -> Candidate:
-    from diffusers import DiffusionPipeline
+def _bare_lora(path: Path) -> bool:
+    from distill.info import LORA_WEIGHTS
 
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), **{dtype_kwarg(): dtype})
-    except Exception as err:  # diffusers raises many types for a broken folder
-        raise ModelError(f"The student pipeline at {path} could not be loaded ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:160]}); re-export it.") from err
-    pipe.to(device)
+    return (path / LORA_WEIGHTS).is_file()
+
+
+def _fuse(pipe) -> float:
+    """Fuse the loaded LoRA into the weights (deployment form); returns the adapter's size in MiB."""
+    adapter_mb = sum(p.numel() * p.element_size() for n, p in pipe.unet.named_parameters() if "lora_" in n) / 2**20
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    return round(adapter_mb, 3)
+
+
+def _model(pipe, path: Path, device: str, dtype: torch.dtype, compile_unet: bool) -> Teacher:
+    pipe.to(device=device, dtype=dtype)
     model = Teacher(pipe, source=str(path))
     _maybe_compile(model, compile_unet)
+    return model
+
+
+def _foreign(path: Path, teacher_source: str, device: str, dtype: torch.dtype, compile_unet: bool,
+             sampler: str | None) -> Candidate:
+    """A pipeline folder or a bare LoRA file made elsewhere, sampled as `sampler` says (or as it comes, guidance 1)."""
+    from diffusers import DiffusionPipeline
+
+    from distill.info import LORA_WEIGHTS
+
+    lora = not (path / "model_index.json").is_file()
+    try:
+        if lora:
+            pipe = Teacher.from_pretrained(teacher_source, torch_dtype=dtype, device=device).pipe
+            pipe.load_lora_weights(str(path), weight_name=LORA_WEIGHTS)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(str(path), **{dtype_kwarg(): dtype})
+    except Exception as err:  # diffusers raises many types for a broken folder
+        raise ModelError(f"The student at {path} could not be loaded ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:160]}); check the files or re-export it.") from err
+    adapter_mb = _fuse(pipe) if lora else None
+    guidance, how = 1.0, f"its own {type(pipe.scheduler).__name__}"
+    if sampler:
+        from evals.specs import parse_sampler
+
+        spec = parse_sampler(sampler)
+        pipe.scheduler = spec.build(pipe.scheduler.config)
+        guidance, how = spec.guidance_scale, f"{spec.scheduler} (--student-sampler)"
+    model = _model(pipe, path, device, dtype, compile_unet)
+    what = f"{'LoRA' if lora else 'pipeline'} made elsewhere (no student.json), {how}, guidance {guidance:g}"
     scheduler = pipe.scheduler
-    return Candidate(_name(path), "student", "pipeline", str(path), model, type(scheduler), dict(scheduler.config),
-                     1.0, f"pipeline folder with its own {type(scheduler).__name__}, guidance 1 (no student.json)",
-                     {"class": type(pipe).__name__})
+    return Candidate(_name(path), "student", "lora" if lora else "pipeline", str(path), model, type(scheduler),
+                     dict(scheduler.config), guidance, what, {"class": type(pipe).__name__, "adapter_mb": adapter_mb,
+                                                              "training": _run_training(path)})
+
+
+def _run_training(path: Path) -> dict | None:
+    """What the run that made a student cost, from its report.json (a run folder, or its student/ inside one)."""
+    import json
+
+    for folder in (path, path.parent):
+        report = folder / "report.json"
+        if report.is_file() and (folder / "config.yaml").is_file():
+            data = json.loads(report.read_text())
+            return {k: data[k] for k in ("steps", "minutes", "device", "device_hours", "samples_seen", "processes")
+                    if k in data}
+    return None
 
 
 def _name(path: Path) -> str:
@@ -212,6 +271,8 @@ def initial_noise(candidate: Candidate, generators: list[torch.Generator]) -> to
 
 def encode(candidate: Candidate, prompts: list[str]) -> Cond:
     """Prompt conditioning (the empty prompt for CFG is encoded once per model and cached by `Teacher`)."""
+    if hasattr(candidate, "spec"):  # a cascade: its student's and teacher's conds
+        return candidate.encode(prompts)
     cond = candidate.model.encode_prompt(list(prompts))
     if candidate.cfg:
         candidate.model.uncond(1)  # first use computes and caches it: keep that out of the loop's time
@@ -232,6 +293,8 @@ def guidance_cond(candidate: Candidate, batch: int) -> torch.Tensor | None:
 def denoise(candidate: Candidate, steps: int, cond: Cond, noise: torch.Tensor,
             generators: list[torch.Generator]) -> torch.Tensor:
     """The pipeline's denoising loop from z_T = `noise` (CPU) to latents z_0 on the model's device."""
+    if hasattr(candidate, "spec"):  # a cascade: the student drafts, the teacher refines
+        return candidate.denoise(steps, cond, noise, generators)
     model, scheduler = candidate.model, candidate.scheduler()
     scheduler.set_timesteps(steps, device=model.device)
     z = (noise.to(model.device) * scheduler.init_noise_sigma).to(model.dtype)

@@ -1,5 +1,6 @@
-"""The report's images, matplotlib (Agg) PNGs: quality against steps with the teacher and the real-vs-real floor
-as lines, quality against latency with the Pareto front, where batch-1 time goes, and the sample grid.
+"""The report's images, matplotlib (Agg) PNGs: quality against steps with the teacher and the real-vs-real score
+(the metrics' bias at this N, not a bound) as lines, quality against latency with the Pareto front (students,
+cascades and the best training-free samplers), where batch-1 time goes, and the sample grid.
 """
 
 from __future__ import annotations
@@ -31,11 +32,19 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _families(report: dict) -> dict[str, list[dict]]:
-    """Rows by model, without the teacher's usual-steps row (a horizontal line instead)."""
+def families(report: dict) -> dict[str, list[dict]]:
+    """Rows by model, without the teacher's usual-steps row (a horizontal line instead): the teacher's best
+    training-free sampler per step count as one family, each student, and each cascade as its own."""
+    swept = any(e["kind"] == "baseline" for e in report.get("sweep") or [])
     out: dict[str, list[dict]] = {}
     for r in report["rows"][1:]:
-        name = "teacher, DDIM (no distillation)" if r["role"] == "teacher" else f"{r['model']} ({r['kind']})"
+        if r["role"] == "teacher":
+            name = ("teacher, best training-free sampler" if swept and r.get("baseline")
+                    else "teacher, DDIM (no distillation)")
+        elif r["role"] == "cascade" or r["kind"] == "cascade":
+            name = f"cascade {r['model']}"
+        else:
+            name = f"{r['model']} ({r['kind']})"
         out.setdefault(name, []).append(r)
     return out
 
@@ -62,7 +71,7 @@ def plot_quality_vs_steps(report: dict) -> bytes:
 def _steps_panel(ax, report: dict, column: tuple) -> None:
     key, header, _, up = column
     teacher, floor = report["rows"][0], report["floor"]
-    for name, rows in _families(report).items():
+    for name, rows in families(report).items():
         rows = sorted((r for r in rows if key in r["quality"]), key=lambda r: r["steps"])
         xs, ys = [r["steps"] for r in rows], [r["quality"][key] for r in rows]
         err = [r["quality"]["kid_std"] for r in rows] if key == "kid" else None
@@ -98,7 +107,7 @@ def plot_quality_vs_latency(report: dict) -> bytes:
 def _latency_panel(ax, report: dict, xs: list[float], title: str) -> None:
     rows, floor = report["rows"], report["floor"]
     ys = [r["quality"]["fd"] for r in rows]
-    for name, group in _families(report).items():
+    for name, group in families(report).items():
         idx = [rows.index(r) for r in group]
         ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], label=name, zorder=3)
     ax.scatter([xs[0]], [ys[0]], marker="*", s=180, color="black", label=rows[0]["label"], zorder=4)

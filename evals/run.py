@@ -6,7 +6,7 @@ Rows of the report, all generated from the same N prompts with the same per-samp
   teacher@T        the teacher with its own scheduler at its usual steps (T = --teacher-steps), CFG
   teacher@k        the teacher with DDIM (trailing timesteps) at k in --steps, CFG: no distillation
   <student>@k      each student at k steps with its LCMScheduler and the guidance its metadata gives
-  real (floor)     N other real images against the reference: the best any generator can score at this N
+  real (floor)     N other real images against the reference: the metric's bias at this N (a yardstick, not a bound)
 Quality (`evals.metrics`, `evals.alignment`): FD on the feature net, KID x 1000 (mean, std over subsets),
 precision / recall (k = 3), per-prompt diversity, prompt alignment (retrieval among captions, cosine).
 Speed (`evals.speed`): batch-1 latency by stage, throughput at --batch-size, peak memory, speedups.
@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from evals import models, speed
+from evals.baselines import best_per_steps, control_candidate, sweep_candidates
+from evals.cascade_rows import cascade_for
 from evals.entries import add_models, assemble, row_entry
 from evals.generate import GRID_PROMPTS, Generated, encode_all, generate
 from evals.measure import Measure, floor_entry, quality
@@ -30,6 +32,7 @@ from evals.progress import log
 from evals.reference import RealSet, choose_prompts, grid_images, load_real
 from evals.report import write
 from evals.settings import EvalSettings
+from evals.sweep import screen, screen_n, screen_quality, student_entries
 
 
 def run_eval(settings: EvalSettings) -> dict:
@@ -52,18 +55,17 @@ def run_eval(settings: EvalSettings) -> dict:
     floor = _real_features(measure, real, state)
     timings["real_features_s"] = time.perf_counter() - t0
 
-    rows, grids, model_info = [], [], []
-    for source in [None] + list(settings.students):
-        t0 = time.perf_counter()
-        group = _load_group(source, settings, device, dtype, guidance, state, model_info)
-        _add(timings, "load_s", time.perf_counter() - t0)
-        cands = list(dict.fromkeys(c for c, _ in group))
-        add_models(model_info, cands)
-        evaluate_candidate(group, prompts, settings, measure, state, rows, grids, timings)
-        for cand in cands:
-            models.free(cand)
+    rows, grids, model_info, sweep = [], [], [], []
+    teacher = _teacher_stage(settings, device, dtype, guidance, prompts, measure, state, rows, grids, model_info,
+                             sweep, timings)
+    for source in settings.students:
+        _student_stage(source, teacher, settings, device, dtype, prompts, measure, state, rows, grids, model_info,
+                       sweep, timings)
+    models.free(teacher)
+    sweep += student_entries(rows)
 
-    report = assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings)
+    report = assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings,
+                      sweep)
     t0 = time.perf_counter()
     grid_png = sample_grid_png(grids, prompts[:GRID_PROMPTS], grid_images(real, prompts, GRID_PROMPTS))
     report["timings"]["report_s"] = time.perf_counter() - t0
@@ -102,34 +104,83 @@ def _real_features(measure: Measure, real: RealSet | None, state: dict) -> dict 
     return None if real.floor_images is None else floor_entry(measure, real, state)
 
 
-def _load_group(source, settings, device, dtype, guidance, state, model_info) -> list[tuple]:
-    """(candidate, steps) pairs of one loaded model: the teacher's when `source` is None, else one student's."""
-    if source is None:
-        return _load_teacher(settings, device, dtype, guidance, state)
+def _teacher_stage(settings, device, dtype, guidance, prompts, measure, state, rows, grids, model_info, sweep,
+                   timings) -> models.Candidate:
+    """The teacher at its usual steps, the training-free sweep at screening N, and its best per step count at full
+    N (or, without a sweep, the single DDIM baseline). Returns the teacher candidate, kept loaded for the controls."""
+    t0 = time.perf_counter()
+    usual, baseline = _load_teacher(settings, device, dtype, guidance, state)
+    _add(timings, "load_s", time.perf_counter() - t0)
+    add_models(model_info, [usual])
+    evaluate_candidate([(usual, settings.teacher_steps)], prompts, settings, measure, state, rows, grids, timings)
+    if not settings.baselines:
+        group = [(baseline, k) for k in settings.steps if not (_same(usual, baseline) and k == settings.teacher_steps)]
+    else:
+        group = _sweep(usual, settings, prompts, measure, state, sweep, timings)
+    add_models(model_info, list(dict.fromkeys(c for c, _ in group)))
+    start = len(rows)
+    evaluate_candidate(group, prompts, settings, measure, state, rows, grids, timings)
+    for row in rows[start:]:
+        row["baseline"] = True
+    return usual
+
+
+def _sweep(usual, settings, prompts, measure, state, sweep, timings) -> list[tuple]:
+    """Screen every sampler spec x guidance x step count; the best per step count, as (candidate, steps) pairs."""
+    t0 = time.perf_counter()
+    cands = sweep_candidates(usual.model, usual.source, settings.baselines)
+    n = screen_n(settings, len(prompts))
+    log(f"training-free sweep: {len(cands)} samplers x {len(settings.steps)} step counts at N = {n}")
+    entries = screen(cands, settings.steps, prompts[:n], settings, measure, state["ref"], "baseline")
+    best = best_per_steps(entries)
+    for entry in best.values():
+        entry["best"] = True
+    sweep.extend(entries)
+    _add(timings, "sweep_s", time.perf_counter() - t0)
+    by_name = {c.name: c for c in cands}
+    return [(by_name[best[k]["model"]], k) for k in settings.steps]
+
+
+def _student_stage(source, teacher, settings, device, dtype, prompts, measure, state, rows, grids, model_info, sweep,
+                   timings) -> None:
+    """One student's rows at full N, its control entries at screening N, and the cascades that draft with it."""
+    t0 = time.perf_counter()
     log(f"loading student {source}")
-    student = models.load_student(source, settings.teacher, device, dtype, settings.compile)
+    student = models.load_student(source, settings.teacher, device, dtype, settings.compile, settings.student_sampler)
     _unique_name(student, model_info)
-    return [(student, k) for k in settings.steps]
+    _add(timings, "load_s", time.perf_counter() - t0)
+    add_models(model_info, [student])
+    evaluate_candidate([(student, k) for k in settings.steps], prompts, settings, measure, state, rows, grids, timings)
+    if settings.control and state["ref"] is not None:
+        t1 = time.perf_counter()
+        control = control_candidate(teacher.model, teacher.source, student)
+        n = screen_n(settings, len(prompts))
+        sweep.extend(screen([control], settings.steps, prompts[:n], settings, measure, state["ref"], "control"))
+        _add(timings, "control_s", time.perf_counter() - t1)
+    for spec in settings.cascades:
+        cascade = cascade_for(spec, source, student, teacher)
+        if cascade is not None:
+            add_models(model_info, [cascade])
+            evaluate_candidate([(cascade, cascade.spec.k)], prompts, settings, measure, state, rows, grids, timings)
+    models.free(student)
 
 
-def _load_teacher(settings, device, dtype, guidance, state) -> list[tuple]:
+def _load_teacher(settings, device, dtype, guidance, state) -> tuple[models.Candidate, models.Candidate]:
     log(f"loading teacher {settings.teacher}")
     usual, baseline = models.load_teacher(settings.teacher, device, dtype, guidance, settings.baseline_guidance,
                                           settings.compile)
     origin = _guidance_origin(settings, guidance)
     log(f"teacher guidance {usual.guidance_scale:g} ({origin})")
     state["image_resolution"] = list(usual.model.resolution())
-    state["guidance"] = (f"teacher: CFG {usual.guidance_scale:g} ({origin}); few-step teacher: CFG "
-                         f"{baseline.guidance_scale:g}; students: the guidance their student.json gives "
-                         "(LCM-LoRA: 1, no CFG; full LCM: its guidance input), shown per row")
-    return teacher_rows(usual, baseline, settings)
+    few = ("few-step teacher: the best of the training-free sweep per step count (its sampler and CFG per row)"
+           if settings.baselines else f"few-step teacher: DDIM trailing, CFG {baseline.guidance_scale:g}")
+    state["guidance"] = (f"teacher: CFG {usual.guidance_scale:g} ({origin}); {few}; students: the guidance their "
+                         "student.json gives (LCM-LoRA: 1, no CFG; full LCM: its guidance input), shown per row")
+    return usual, baseline
 
 
-def teacher_rows(usual: models.Candidate, baseline: models.Candidate, settings: EvalSettings) -> list[tuple]:
-    """The teacher at its usual steps first (it is the speed reference), then the few-step DDIM baseline."""
-    same = usual.scheduler_config == baseline.scheduler_config and usual.guidance_scale == baseline.guidance_scale
-    return [(usual, settings.teacher_steps)] + [(baseline, k) for k in settings.steps
-                                                if not (same and k == settings.teacher_steps)]
+def _same(usual: models.Candidate, baseline: models.Candidate) -> bool:
+    return usual.scheduler_config == baseline.scheduler_config and usual.guidance_scale == baseline.guidance_scale
 
 
 def evaluate_candidate(group, prompts, settings, measure, state, rows, grids, timings) -> None:
@@ -169,8 +220,12 @@ def _scored_row(cand: models.Candidate, steps: int, gen: Generated, text_ms: flo
     row = row_entry(cand, steps, gen, text_ms, lat, settings.batch_size)
     row["quality"] = quality(measure, state["ref"], gen.feats, state["kid_size"], settings.seed)
     row["quality"]["diversity"] = gen.diversity
+    if gen.collapse is not None:
+        row["quality"]["collapse"] = gen.collapse
     if gen.embeddings is not None:
         row["quality"].update(measure.alignment(gen.embeddings, prompts))
+    n = screen_n(settings, len(prompts))  # its score at the screening N, comparable with the sweep and the controls
+    row["screen"] = screen_quality(measure, state["ref"], gen.feats, prompts[:n], gen.embeddings, settings.seed)
     return row
 
 

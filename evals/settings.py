@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from distill.errors import ConfigError
+from evals.baselines import DEFAULT_BASELINES
+from evals.specs import parse_baseline
 
 
 @dataclass
@@ -38,6 +40,14 @@ class EvalSettings:
     latency_warmup: int = 3
     diversity_prompts: int = 8
     diversity_samples: int = 4
+    # The training-free sweep: the teacher at --steps under each sampler spec (Class[:k=v]@g1,g2); its best per
+    # step count is re-run at full N and is the baseline every student claim is measured against. Empty: the old
+    # single DDIM baseline at --baseline-guidance.
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    sweep_samples: int = 200  # screening N of the sweep and the control rows (0: the full N)
+    control: bool = True  # per student: the untrained teacher with the student's own sampler and guidance
+    cascades: list[str] = field(default_factory=list)  # STUDENT@k+teacher@m:s[:g] rows (draft, then refine)
+    student_sampler: str | None = None  # Class[:k=v]@g for students without student.json (a plain LoRA or pipeline)
 
     def check(self) -> None:
         """Raise ConfigError for settings no eval can run with."""
@@ -51,6 +61,17 @@ class EvalSettings:
             raise ConfigError("--diversity-samples must be 2 or more (diversity compares samples of one prompt).")
         if self.price_per_gpu_hour < 0:
             raise ConfigError("--price-per-gpu-hour must not be negative.")
+        for spec in self.baselines + ([self.student_sampler] if self.student_sampler else []):
+            parse_baseline(spec)
+        from evals.cascade_rows import unmatched
+
+        missing = unmatched(self.cascades, self.students)
+        if missing:
+            raise ConfigError(f"--cascade {missing[0]} drafts with a student that is not among --student; add "
+                              "--student with the same path.")
+        if self.sweep_samples and self.sweep_samples < 16:
+            raise ConfigError(f"--sweep-samples {self.sweep_samples} is too small to rank samplers: use 16 or more "
+                              "(or 0 for the full N).")
 
 
 

@@ -68,8 +68,11 @@ class StageClock:
         images = sum(b["size"] for b in timed)
         per_stage = {s: 1000 * sum(b[s] for b in timed) / images for s in self.STAGES}
         total_s = sum(b[s] for b in timed for s in self.STAGES)
+        first = self.batches[0]
+        steady = per_stage["loop"] * first["size"] / 1000  # what the first batch's loop would take without warm-up
         return {"images_timed": images, "stage_ms_per_image": per_stage, "throughput_img_s": images / total_s,
-                "seconds": sum(b[s] for b in self.batches for s in self.STAGES), "loop_cv": _cv(timed)}
+                "seconds": sum(b[s] for b in self.batches for s in self.STAGES), "loop_cv": _cv(timed),
+                "warmup_s": max(0.0, first["loop"] - steady)}  # one-time costs: allocator, autotuning, compile
 
 
 def _cv(batches: list[dict]) -> float:

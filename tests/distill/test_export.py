@@ -8,6 +8,7 @@ guidance input that went missing in the export changes the images (each test che
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from distill.errors import ConfigError, ModelError
 from distill.consistency import lcm_sampler
 from distill.export import export_run
+from distill.images import label_margins
 from distill.info import LORA_WEIGHTS, StudentInfo
 from distill.runs import student_folder
 from distill.sampling import lcm_sample, load_student_pipeline, sample_grid
@@ -156,9 +158,14 @@ def test_sample_grid_from_run_and_exports(tiny_sd_path, tmp_path):
     _, run = _lora_run(tmp_path, tiny_sd_path)
     out = export_run(run, tmp_path / "export")
     tile = 16 * 8 + 2  # 16 px images are shown 8x, with 2 px padding
+    left, top = label_margins((PROMPTS, ["student@1", "student@2", "teacher@3"]))  # prompts left, model@steps on top
+    assert left > 0 and top > 0
     for source in (run, out):
         path = sample_grid(source, PROMPTS, [1, 2], SEED, tmp_path / f"{source.name}.png", teacher_steps=3)
-        assert Image.open(path).size == (3 * tile + 2, 2 * tile + 2)  # 2 prompts x (2 student + 1 teacher)
+        image = Image.open(path)
+        assert image.size == (left + 3 * tile + 2, top + 2 * tile + 2)  # 2 prompts x (2 student + 1 teacher)
+        gray = np.asarray(image.convert("L"))
+        assert gray[top:, :left].min() < 128 and gray[:top, left:].min() < 128  # prompts left, columns' names on top
     pipe, info = load_student_pipeline(out)
     assert isinstance(pipe.scheduler, LCMScheduler) and info.kind == "lora"
     with pytest.raises(ConfigError, match="prompt"):

@@ -1,4 +1,4 @@
-"""FD and KID agree with torchmetrics and the formulas; precision/recall and diversity by hand."""
+"""FD and KID agree with torchmetrics and the formulas; precision/recall, diversity and collapse by hand."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from evals.emoji import load_emoji
 from evals.features import default_feature_net, features
-from evals.metrics import diversity, frechet_distance, kid, precision_recall
+from evals.metrics import collapse_rate, diversity, frechet_distance, kid, pairwise_spread, precision_recall
 
 
 def test_fd_of_a_set_with_itself_is_zero():
@@ -67,3 +67,32 @@ def test_diversity_by_hand():
     assert diversity(groups) == pytest.approx((1 + 3 + 2) / 3 / 2)  # prompt 1: mean 2, prompt 2: 0
     with pytest.raises(ValueError):
         diversity(torch.zeros(2, 1, 4))
+
+
+def test_pairwise_spread_by_hand():
+    groups = torch.tensor([[[0.0], [1.0], [3.0]], [[2.0], [2.0], [2.0]]])
+    assert pairwise_spread(groups).tolist() == pytest.approx([2.0, 0.0])  # pairs 1, 3, 2; then all equal
+    square = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+                           [[0.0, 0.0], [3.0, 4.0], [0.0, 0.0], [3.0, 4.0]]])
+    # unit square: 4 sides of 1 and 2 diagonals of sqrt 2; two points 5 apart, each twice: 4 of 6 pairs at 5
+    assert pairwise_spread(square).tolist() == pytest.approx([(4 + 2 * 2**0.5) / 6, 4 * 5 / 6])
+    with pytest.raises(ValueError):
+        pairwise_spread(torch.zeros(3, 1, 4))
+
+
+def test_diversity_is_the_mean_of_pairwise_spread():
+    groups = torch.randn(7, 5, 16, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 8.0).view(7, 1, 1)
+    spread = pairwise_spread(groups)
+    assert spread.shape == (7,) and spread.std() > 1  # prompts differ, so a wrong reduction would show
+    assert diversity(groups) == pytest.approx(float(spread.mean()), rel=1e-12)
+
+
+def test_collapse_rate_distinct_vs_repeated():
+    gen = torch.Generator().manual_seed(0)
+    distinct = torch.randn(50, 4, 64, generator=gen)  # spread ~ sqrt(2 * 64) = 11.3
+    repeated = torch.randn(50, 1, 64, generator=gen).expand(50, 4, 64) + 0.01 * torch.randn(50, 4, 64, generator=gen)
+    assert collapse_rate(distinct, tau=1.0) == 0.0
+    assert collapse_rate(repeated, tau=1.0) == 1.0
+    assert collapse_rate(torch.cat([distinct[:30], repeated[:10]]), tau=1.0) == pytest.approx(0.25)
+    assert collapse_rate(torch.ones(5, 4, 8), tau=0.0) == 0.0  # strictly below tau: spread 0 is not below 0
+    assert collapse_rate(distinct, tau=100.0) == 1.0

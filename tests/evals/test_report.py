@@ -133,9 +133,11 @@ def test_recommendation_picks_the_best_quality_under_each_budget():
     assert not any("Timing noise" in r["text"] for r in report["recommendations"])
     report["rows"][3]["speed"]["loop_cv"] = 0.25
     assert any("Timing noise" in r["text"] and "lora@2 (25%)" in r["text"] for r in recommend(report))
-    report["rows"][4]["quality"]["fd"] = 230.0  # lora@4 now beats the teacher outright
+    report["rows"][4]["quality"]["fd"] = 230.0  # a lower FD alone, KID within the spreads: no claim
+    assert not any("dominated" in r["text"] for r in recommend(report))
+    report["rows"][4]["quality"]["kid"] = 20.0  # KID 20 ± 1 vs 24 ± 1: lora@4 now beats the teacher significantly
     note = next(r for r in recommend(report) if "dominated" in r["text"])
-    assert note["label"] == "lora@4" and "22.7× faster" in note["text"]
+    assert note["label"] == "lora@4" and "22.7× faster" in note["text"] and "significantly better" in note["text"]
 
 
 def test_distill_report_regenerates_from_the_json(written):

@@ -11,58 +11,15 @@ from evals import models
 from evals.calibrate import add_noise, blur, duplicate_rows
 from evals.emoji import load_emoji
 from evals.measure import Measure, quality
+from tests.evals.students import full_export, lora_run
 
 PROMPTS = ["grinning face", "red heart", "dog face"]
-
-
-def _lora_run(root, teacher_path):
-    from distill.student import LoraStudent
-    from distill.teacher import Teacher
-
-    teacher = Teacher.from_pretrained(teacher_path)
-    student = LoraStudent(teacher, rank=4)
-    with torch.no_grad():  # B starts at zero: randomise it so the LoRA changes the images
-        g = torch.Generator().manual_seed(0)
-        for name, p in teacher.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    student.save_weights(root / "lora_run" / "student")
-    _info(teacher, teacher_path, "lora", 1.0).save(root / "lora_run" / "student")
-    return root / "lora_run"
-
-
-def _info(teacher, teacher_path, kind, guidance_scale):
-    from distill.consistency import lcm_sampler
-    from distill.info import StudentInfo
-
-    return StudentInfo(kind=kind, teacher=str(teacher_path), teacher_kind=teacher.kind,
-                       pipeline_class=type(teacher.pipe).__name__, prediction_type=teacher.prediction_type,
-                       sampler=lcm_sampler(50, 10.0, teacher.prediction_type, guidance_scale),
-                       teacher_guidance_scale=3.0, step=3,
-                       details=dict(num_ddim_timesteps=50, timestep_scaling=10.0, w_min=1.0, w_max=3.0))
-
-
-def _full_export(root, teacher_path):
-    """A pipeline folder with an LCMScheduler and a UNet with a (randomised) guidance input, as `distill export` does."""
-    from distill.student import build_full_network
-    from distill.teacher import Teacher
-
-    teacher = Teacher.from_pretrained(teacher_path)
-    unet = build_full_network(teacher.unet).eval()
-    with torch.no_grad():
-        unet.time_embedding.cond_proj.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    info = _info(teacher, teacher_path, "full", 3.0)
-    pipe = teacher.pipe
-    pipe.unet, pipe.scheduler = unet, info.sampler.build(pipe.scheduler.config)
-    pipe.save_pretrained(str(root / "full"), safe_serialization=True)
-    info.save(root / "full")
-    return root / "full"
 
 
 @pytest.fixture(scope="module")
 def students(tiny_sd_v_path, tmp_path_factory):
     root = tmp_path_factory.mktemp("students")
-    return _lora_run(root, tiny_sd_v_path), _full_export(root, tiny_sd_v_path)
+    return lora_run(root, tiny_sd_v_path), full_export(root, tiny_sd_v_path)
 
 
 def _ours(cand, steps, seed=5):
@@ -149,7 +106,8 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
     out = tmp_path / "report"
     result = _eval("--teacher", tiny_sd_v_path, "--student", students[0], "--student", students[1], "--steps", "1,2",
                    "--teacher-steps", 3, "-n", 16, "--batch-size", 8, "--latency-runs", 2, "--latency-warmup", 1,
-                   "--diversity-prompts", 2, "--diversity-samples", 2, "--out", out)
+                   "--diversity-prompts", 2, "--diversity-samples", 2, "--baseline", "none", "--no-control",
+                   "--out", out)
     assert result.exit_code == 0, result.output
     from evals.report import FILES
     from evals.schema import validate
@@ -163,7 +121,8 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
     assert report["rows"][0]["guidance_scale"] == 3.0  # from the students' student.json
     p = report["protocol"]
     assert (p["n"], p["fd_name"], p["feature_resolution"], p["reference"]["floor_n"]) == (16, "FD-EffNet", 128, 16)
-    assert report["floor"]["fd"] > 0 and report["recommendations"][0]["kind"] == "latency_budget"
+    assert report["floor"]["fd"] > 0 and report["recommendations"][0]["kind"] == "warning"  # small N, said first
+    assert any(r["kind"] == "latency_budget" for r in report["recommendations"])
     assert "report:" in result.output and "FD-EffNet" in result.output
 
 
@@ -191,3 +150,56 @@ def test_mistakes_end_in_one_sentence(tiny_sd_path, tmp_path, args, words):
     result = _eval("--teacher", tiny_sd_path, "--out", tmp_path / "r", *args)
     assert result.exit_code == 2, result.output
     assert all(w in result.output for w in words) and "Traceback" not in result.output
+
+
+def test_the_sweep_picks_the_best_sampler_per_step_count_and_students_are_judged_against_it(
+        tiny_sd_v_path, students, tmp_path):
+    out = tmp_path / "report"
+    lora = students[0]
+    result = _eval("--teacher", tiny_sd_v_path, "--student", lora, "--steps", "1,2", "--teacher-steps", 3,
+                   "-n", 16, "--batch-size", 8, "--latency-runs", 1, "--latency-warmup", 0, "--diversity-prompts", 2,
+                   "--diversity-samples", 2, "--baseline", "DDIMScheduler:timestep_spacing=trailing@1,3",
+                   "--baseline", "LCMScheduler@1", "--sweep-samples", 16, "--cascade", f"{lora}@1+teacher@1:0.5",
+                   "--out", out)
+    assert result.exit_code == 0, result.output
+    from evals.schema import validate
+
+    report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
+    sweep = [e for e in report["sweep"] if e["kind"] == "baseline"]
+    assert len(sweep) == 3 * 2  # three (sampler, guidance) candidates x two step counts
+    rows = {r["label"]: r for r in report["rows"]}
+    for k in (1, 2):
+        entries = [e for e in sweep if e["steps"] == k]
+        best = min(entries, key=lambda e: (e["fd"], e["nfe"]))
+        assert [e["label"] for e in entries if e["best"]] == [best["label"]]
+        row = rows[best["label"]]  # the best, re-run at full N (here the same N): the same images, the same FD
+        assert row["baseline"] and row["screen"]["fd"] == pytest.approx(best["fd"], rel=1e-6)
+        student = rows[f"lora_run@{k}"]
+        assert student["vs_baseline"]["label"] == best["label"]
+        assert student["vs_baseline"]["fd_ratio"] == pytest.approx(student["quality"]["fd"] / row["quality"]["fd"])
+        control = [e for e in report["sweep"] if e["kind"] == "control" and e["steps"] == k]
+        assert len(control) == 1 and student["vs_control"]["label"] == control[0]["label"]
+    cascade = next(r for r in report["rows"] if r["role"] == "cascade")
+    assert cascade["nfe"] == 1 + 2  # the student's step, then one teacher step with CFG
+
+
+def test_a_lora_made_elsewhere_is_evaluated_with_the_sampler_given(tiny_sd_v_path, students, tmp_path):
+    import shutil
+
+    bare = tmp_path / "published-lora"  # only the weights file, as a published LCM-LoRA comes
+    bare.mkdir()
+    shutil.copy(students[0] / "student" / "pytorch_lora_weights.safetensors", bare)
+    out = tmp_path / "report"
+    result = _eval("--teacher", tiny_sd_v_path, "--student", bare, "--student-sampler", "LCMScheduler@1",
+                   "--steps", "2", "--teacher-steps", 3, "-n", 8, "--batch-size", 8, "--latency-runs", 1,
+                   "--latency-warmup", 0, "--diversity-prompts", 2, "--diversity-samples", 2, "--baseline", "none",
+                   "--guidance-scale", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    row = next(r for r in report["rows"] if r["role"] == "student")
+    assert (row["label"], row["scheduler"], row["guidance_scale"], row["kind"]) == (
+        "published-lora@2", "LCMScheduler", 1.0, "lora")
+    model = next(m for m in report["models"] if m["name"] == "published-lora")
+    assert model["metadata"]["adapter_mb"] > 0 and "made elsewhere" in model["description"]
+    assert row["vs_control"]["label"] == "control[published-lora]@2"  # the untrained teacher, sampled the same way

@@ -1,0 +1,75 @@
+"""The strongest no-training alternative: the teacher at few steps under a sweep of diffusers samplers and guidance.
+
+A user who owns a teacher would first try a better sampler before distilling, so every claim a student makes is
+measured against the best training-free row at the same step count (and the report also compares at equal network
+evaluations: CFG doubles a step's cost). A baseline spec is
+
+    SchedulerClass[:key=value,...]@g1,g2,...      e.g. "DDIMScheduler:timestep_spacing=trailing@2,3"
+
+the scheduler built from the teacher's own config with those settings, at each guidance scale g (1: no CFG pass).
+The sweep runs every (spec, guidance, steps) at a screening N (the first `sweep_samples` prompts and seeds of the
+eval, so a full-N row contains its screening subset), ranks them by FD at that N, and re-runs the best per step
+count at the full N. Control rows (`control_candidates`) sample the untrained teacher with a student's own sampler
+and guidance, so what training bought is not confused with what a sampler or dropping CFG bought.
+"""
+
+from __future__ import annotations
+
+from evals import models
+from evals.specs import BaselineSpec, parse_baseline
+
+DEFAULT_BASELINES = (
+    "DDIMScheduler:timestep_spacing=trailing@2,3",
+    "DPMSolverMultistepScheduler@2,3",
+    "UniPCMultistepScheduler@3",
+    "EulerDiscreteScheduler:timestep_spacing=trailing@3",
+    "LCMScheduler@1",
+)
+SHORT = {"DDIMScheduler": "DDIM", "DPMSolverMultistepScheduler": "DPM++2M", "UniPCMultistepScheduler": "UniPC",
+         "EulerDiscreteScheduler": "Euler", "LCMScheduler": "LCM", "EulerAncestralDiscreteScheduler": "EulerA",
+         "DPMSolverSinglestepScheduler": "DPM++S", "DEISMultistepScheduler": "DEIS", "PNDMScheduler": "PNDM"}
+
+
+def baseline_name(spec: BaselineSpec, guidance: float) -> str:
+    """A short, unique row name: teacher[DDIM-trailing,cfg2]."""
+    short = SHORT.get(spec.scheduler, spec.scheduler.removesuffix("Scheduler"))
+    extra = "".join(f"-{v}" if k == "timestep_spacing" else f"-{k}={v}" for k, v in spec.config.items())
+    how = f"cfg{guidance:g}" if guidance > 1 else "no-cfg"
+    return f"teacher[{short}{extra},{how}]"
+
+
+def sweep_candidates(model, source: str, specs: list[str]) -> list[models.Candidate]:
+    """One candidate per (scheduler spec, guidance), all on the one loaded teacher model."""
+    out = []
+    for text in specs:
+        spec = parse_baseline(text)
+        for guidance in spec.guidances:
+            out.append(models.teacher_candidate(model, source, spec.scheduler, spec.config, guidance,
+                                                baseline_name(spec, guidance), "teacher, training-free sampler"))
+    return out
+
+
+def control_candidate(model, source: str, student: models.Candidate) -> models.Candidate:
+    """The untrained teacher with a student's own scheduler (its settings) and guidance: what training bought."""
+    guidance = student.guidance_scale
+    cand = models.Candidate(f"control[{student.name}]", "teacher", "teacher", source, model,
+                            student.scheduler_cls, dict(student.scheduler_config), guidance,
+                            f"control: the untrained teacher sampled as {student.name} is", {"control_of": student.name})
+    return cand
+
+
+def best_per_steps(entries: list[dict], key: str = "fd") -> dict[int, dict]:
+    """{steps: the entry with the lowest `key`} over sweep entries (ties: fewer network evaluations)."""
+    best: dict[int, dict] = {}
+    for entry in entries:
+        k = entry["steps"]
+        if k not in best or (entry[key], entry["nfe"]) < (best[k][key], best[k]["nfe"]):
+            best[k] = entry
+    return best
+
+
+def best_within_nfe(rows: list[dict], nfe: int) -> dict | None:
+    """Among the full-N best training-free rows, the best (lowest FD) that costs at most `nfe` evaluations."""
+    fits = [r for r in rows if r.get("baseline") and r["nfe"] <= nfe]
+    return min(fits, key=lambda r: r["quality"]["fd"], default=None)
+
