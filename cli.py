@@ -63,7 +63,7 @@ def main(ctx, debug):
 @click.option("--report-to", "--report_to", "report_to", default=None,
               help="Where training logs go: tensorboard (default), wandb, ... (any accelerate tracker), all or none.")
 def train(config, overrides, dry_run, report_to):
-    """Run a recipe: distill train lcm/emoji_sd_lora max_train_minutes=10
+    """Run a recipe: distill train lcm/emoji_sd_lora max_train_steps=500
 
     CONFIG is a YAML path or `<recipe>/<model>` (see `distill ls`); OVERRIDES are key.sub=value.
     """
@@ -236,21 +236,22 @@ def report(folder):
 
 
 @main.command()
-@click.option("--minutes", default=4.0, show_default=True, help="Training budget of the LCM-LoRA, in minutes.")
+@click.option("--steps", default=380, show_default=True, help="Training steps of the LCM-LoRA (the budget).")
+@click.option("--minutes", default=None, type=float, help="Stop training early after this many minutes (a stop, not a budget).")
 @click.option("--num-samples", "-n", default=EVAL["num_samples"], show_default=True,
               help="Images per model and step count.")
 @click.option("--out", default="outputs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Each demo writes a new numbered folder here.")
-def demo(minutes, num_samples, out):
+def demo(steps, minutes, num_samples, out):
     """The whole story on the embedded teacher, offline: distill demo
 
-    Distils checkpoints/emoji-sd into an LCM-LoRA for --minutes, exports it for plain diffusers, evaluates
+    Distils checkpoints/emoji-sd into an LCM-LoRA in --steps steps, exports it for plain diffusers, evaluates
     the teacher and the exported LoRA at 1/2/4/8 steps on the same prompts and seeds, and writes the report.
     Each stage prints the command that runs it on its own.
     """
     from evals.demo import run_demo
 
-    run_demo(minutes, num_samples, out)
+    run_demo(steps, num_samples, out, minutes)
 
 
 if __name__ == "__main__":

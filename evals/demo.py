@@ -27,12 +27,14 @@ DEMO_TEACHER = ROOT / "checkpoints" / "emoji-sd"
 DEMO_BASELINES = ("DDIMScheduler:timestep_spacing=trailing@2", "DPMSolverMultistepScheduler@2", "LCMScheduler@1")
 
 
-def run_demo(minutes: float, num_samples: int, out: str | Path) -> Path:
-    """Train for `minutes`, export, evaluate at `num_samples` images per row under `out`; returns the run folder."""
+def run_demo(steps: int, num_samples: int, out: str | Path, minutes: float | None = None) -> Path:
+    """Train `steps` steps (stopping early only if `minutes` run out), export, evaluate at `num_samples` images per
+    row under `out`; returns the run folder."""
     from distill.export import export_run
 
     started = time.monotonic()
-    overrides = [f"max_train_minutes={minutes}", f"output_dir={Path(out) / 'runs'}", "run_name=demo",
+    overrides = [f"max_train_steps={steps}", f"max_train_minutes={'null' if minutes is None else minutes}",
+                 f"output_dir={Path(out) / 'runs'}", "run_name=demo",
                  "sample.every_steps=0", "resume_from_checkpoint=null"]
     _stage(1, f"distill train {DEMO_CONFIG} {' '.join(overrides)}")
     module, cfg = recipes.load(recipes.config_path(DEMO_CONFIG), overrides)

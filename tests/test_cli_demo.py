@@ -18,7 +18,7 @@ def test_demo_trains_exports_evaluates_and_reports(tmp_path, monkeypatch):
     quick = functools.partial(evals.demo.EvalSettings, latency_runs=2, latency_warmup=1, diversity_prompts=2,
                               diversity_samples=2, batch_size=8, sweep_samples=16)
     monkeypatch.setattr(evals.demo, "EvalSettings", quick)
-    result = CliRunner().invoke(cli.main, ["demo", "--minutes", "0.05", "-n", "8", "--out", str(tmp_path)])
+    result = CliRunner().invoke(cli.main, ["demo", "--steps", "3", "-n", "8", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
 
     run_dir = next((tmp_path / "runs").glob("*-demo"))
@@ -35,7 +35,7 @@ def test_demo_trains_exports_evaluates_and_reports(tmp_path, monkeypatch):
     assert student["source"] == str(run_dir / "lora")  # the exported file is what was measured
     assert (run_dir / "report" / "report.html").is_file()
     # Each stage names the command that runs it alone; the end names the report.
-    assert "distill train lcm/emoji_sd_lora max_train_minutes=0.05" in result.output
+    assert "distill train lcm/emoji_sd_lora max_train_steps=3 max_train_minutes=null" in result.output
     assert "--baseline LCMScheduler@1" in result.output and "--cascade" in result.output
     assert f"distill export {run_dir}" in result.output
     assert f"report: {run_dir / 'report' / 'report.html'}" in result.output
