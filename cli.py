@@ -173,8 +173,13 @@ def _setting(*decls: str, **kwargs):
     default = EVAL[name]
     if isinstance(default, list) and not kwargs.get("multiple"):
         default = ",".join(map(str, default))  # --steps 1,2,4,8
-    shown = default is not None and not kwargs.get("is_flag") and not kwargs.get("multiple")
+    shown = default not in (None, "") and not kwargs.get("is_flag") and not kwargs.get("multiple")
     return click.option(*decls, default=default, show_default=shown, **kwargs)
+
+
+def _name_list(value: str) -> list[str]:
+    """"effnet-lite1, dinov2" -> ["effnet-lite1", "dinov2"]: the comma-separated names of --judges."""
+    return [name.strip() for name in str(value).split(",") if name.strip()]
 
 
 @main.command(name="eval")
@@ -193,6 +198,9 @@ def _setting(*decls: str, **kwargs):
 @_setting("--baseline-guidance", type=float, help="CFG of the few-step teacher (default: --guidance-scale).")
 @_setting("--seed", help="Seed of the prompts/reference choice and the noise.")
 @_setting("--feature-net", type=click.Choice(["effnet-lite0", "inception"]))
+@_setting("--judges", callback=lambda ctx, param, value: _name_list(value), metavar="NAME[,NAME...]",
+          help="Second judges: FD and KID on more feature networks from the same images, e.g. effnet-lite1,dinov2 "
+               "(effnet-lite1 offline; dinov2[:<hub id>] and inception need a download).")
 @_setting("--feature-resolution",
           help="EffNet input size (128 = evals/calibrate.py's; 64 is ~6x faster on CPU, numbers not comparable).")
 @_setting("--alignment", help="emoji-align, clip:<model id>, or none.")

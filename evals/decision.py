@@ -7,6 +7,8 @@ over subsets (KID is unbiased; FD is not, at small N); otherwise the comparison 
 
 from __future__ import annotations
 
+import re
+
 from evals.baselines import best_within_nfe
 
 
@@ -22,6 +24,8 @@ def compare(a: dict, b: dict) -> dict:
 def decide(rows: list[dict], sweep: list[dict], price_per_hour: float, judge: str) -> None:
     """Add vs_baseline, vs_baseline_nfe, vs_control, training cost, break-even and judge independence to rows."""
     teacher = rows[0]
+    for row in rows:
+        flag_judges(row, judge)
     baselines = {r["steps"]: r for r in rows if r.get("baseline")}
     for row in rows:
         if row["role"] == "teacher":
@@ -36,8 +40,17 @@ def decide(rows: list[dict], sweep: list[dict], price_per_hour: float, judge: st
         if control is not None and "screen" in row:
             row["vs_control"] = {"label": control["label"], "n": control["n"]} | compare(row["screen"], control)
         _cost(row, teacher, base, price_per_hour)
-        if row.get("feature_network"):
-            row["independent_judge"] = network_key(row["feature_network"]) != network_key(judge)
+
+
+def flag_judges(row: dict, judge: str) -> None:
+    """Whether each judge is independent of the row: not when its student.json names that judge's network (what
+    its discriminator read), since training against a network's features is what lowers a distance measured on them.
+    The primary judge as `independent_judge` (only when a network is named), each second judge in row["judges"]."""
+    named = row.get("feature_network")
+    if named:
+        row["independent_judge"] = network_key(named) != network_key(judge)
+    for name, entry in (row.get("judges") or {}).items():
+        entry["independent"] = not named or network_key(named) != network_key(name)
 
 
 def _control(sweep: list[dict], row: dict) -> dict | None:
@@ -64,6 +77,22 @@ def break_even(training_cost_usd: float, reference: dict, row: dict) -> float | 
 
 
 def network_key(name: str) -> str:
-    """One spelling per feature network: "EfficientNet-Lite0", "efficientnet_lite0" and "effnet-lite0" are one."""
-    key = name.lower().replace("efficientnet", "effnet")
-    return "".join(c for c in key if c.isalnum())
+    """One spelling per feature network, so a student.json's `feature_network` meets the judge of the same network.
+
+    "EfficientNet-Lite1", "tf_efficientnet_lite1" and "effnet-lite1" are one; "dinov2", "dinov2-small",
+    "facebook/dinov2-small" and "dinov2:facebook/dinov2-small" are one (DINOv2 alone means ViT-S/14, the default,
+    while dinov2-base is another network); "InceptionV3" and "inception" are one.
+    """
+    text = name.strip().lower().replace("efficientnet", "effnet")
+    if "dinov2" in text:
+        model = text.partition(":")[2] if text.startswith("dinov2:") else text
+        size = _alnum(model.rstrip("/").rsplit("/", 1)[-1]).split("dinov2", 1)[-1]
+        return "dinov2" + (size or "small")
+    effnet = re.search(r"effnet[^a-z0-9]*(lite|b)[^a-z0-9]*([0-9])", text)
+    if effnet:
+        return "effnet" + effnet[1] + effnet[2]
+    return "inception" if "inception" in text else _alnum(text)
+
+
+def _alnum(text: str) -> str:
+    return "".join(c for c in text if c.isalnum())

@@ -66,6 +66,8 @@ def assemble(settings, device, prompts, prompt_source, real, measure, floor, row
     decide(rows, list(sweep), settings.price_per_gpu_hour, settings.feature_net)
     timings["features_s"] = measure.seconds["features"]
     timings["features_img_s"] = measure.images / max(measure.seconds["features"], 1e-9)
+    if measure.judges:
+        timings["judges_s"] = measure.seconds["judges"]
     timings["alignment_s"] = measure.seconds["alignment"]
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -113,6 +115,7 @@ def protocol(settings: EvalSettings, device: str, prompt_source: str, real: Real
                                                          "compare with the teacher's samples at its usual steps",
         "feature_net": getattr(measure.net, "name", settings.feature_net), "fd_name": measure.fd_name,
         "feature_resolution": getattr(measure.net, "resolution", 299),
+        "judges": measure.judge_entries(),
         "image_resolution": state["image_resolution"], "guidance": state["guidance"],
         "kid": {"subsets": 50, "subset_size": state["kid_size"], "kernel": "(x.y/D + 1)^3", "scale": 1000},
         "precision_recall_k": 3,

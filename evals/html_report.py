@@ -10,9 +10,10 @@ import re
 
 from evals.plots import GRID_FILE, PLOTS
 from evals.recommend import NOISY_CV
-from evals.tables import (DECISION_NOTE, FLOOR_NOTE, MODEL_HEAD, SWEEP_NOTE, bar_lines, decision_rows, decision_table,
-                          latency_table, mem_note, models_rows, protocol_items, quality_columns, quality_table,
-                          sweep_entries, sweep_table, sweep_title, throughput_table, timings_line)
+from evals.tables import (DECISION_NOTE, FLOOR_NOTE, JUDGES_NOTE, JUDGES_TITLE, MODEL_HEAD, SWEEP_NOTE, bar_lines,
+                          decision_rows, decision_table, judges_table, latency_table, mem_note, models_rows,
+                          protocol_items, quality_columns, quality_table, sweep_entries, sweep_table, sweep_title,
+                          throughput_table, timings_line)
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -87,6 +88,15 @@ def _decision_sections(report: dict) -> str:
     return out
 
 
+def _judges_section(report: dict, classes: list[str]) -> str:
+    """The second judges' table (teacher rows shaded, the floor in italics), where the eval had any."""
+    table = judges_table(report)
+    if table is None:
+        return ""
+    return (f"<h2>{html.escape(JUDGES_TITLE)}</h2>\n{_html_table(*table, classes=classes)}\n"
+            f"<p class=\"note\">{html.escape(JUDGES_NOTE)}</p>\n")
+
+
 def _inline_png(images: dict[str, bytes], name: str, alt: str) -> str:
     """An <img> carrying the PNG itself, or a note where it is missing."""
     e = html.escape
@@ -119,6 +129,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <h2>Quality</h2>
 {_html_table(*quality_table(report), classes=classes, best=_best_cells(report))}
 <p class="note">Bold: best generated value in the column (not for diversity). Teacher rows shaded. {e(FLOOR_NOTE)}</p>
+{_judges_section(report, classes)}
 {img(PLOTS['quality_vs_steps'], 'quality vs steps')}
 <h2>Speed</h2>
 <h3>Latency at batch 1</h3><p class="note">p50 of each stage over the timed runs; speedups against {e(rows[0]['label'])};

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from evals.plots import GRID_FILE, PLOTS
-from evals.tables import (DECISION_NOTE, FLOOR_NOTE, MODEL_HEAD, SWEEP_NOTE, bar_lines, decision_rows, decision_table,
-                          latency_table, mem_note, models_rows, protocol_items, quality_table, sweep_table, sweep_title,
-                          throughput_table, timings_line)
+from evals.tables import (DECISION_NOTE, FLOOR_NOTE, JUDGES_NOTE, JUDGES_TITLE, MODEL_HEAD, SWEEP_NOTE, bar_lines,
+                          decision_rows, decision_table, judges_table, latency_table, mem_note, models_rows,
+                          protocol_items, quality_table, sweep_table, sweep_title, throughput_table, timings_line)
 
 
 def render_markdown(report: dict) -> str:
@@ -16,8 +16,9 @@ def render_markdown(report: dict) -> str:
            f"created {report['created']}.", "", "## Recommendation", ""]
     out += [f"- {'**' + r['text'] + '**' if r['kind'] == 'warning' else r['text']}" for r in report["recommendations"]]
     out += _decision_sections(report)
-    out += ["", "## Quality", "", _md_table(*quality_table(report)), "", FLOOR_NOTE, "",
-            f"![quality vs steps]({PLOTS['quality_vs_steps']})", "", "## Speed", "",
+    out += ["", "## Quality", "", _md_table(*quality_table(report)), "", FLOOR_NOTE, ""]
+    out += _judges_section(report)
+    out += [f"![quality vs steps]({PLOTS['quality_vs_steps']})", "", "## Speed", "",
             f"Latency at batch 1 (p50 per stage; mem: {mem_note(report)}):", "", _md_table(*latency_table(report)), "",
             f"Throughput at batch {p['batch_size']} (the quality run itself):", "",
             _md_table(*throughput_table(report)), "",
@@ -42,6 +43,12 @@ def _decision_sections(report: dict) -> list[str]:
     if title:
         out += ["", f"## {title}", "", _md_table(*sweep_table(report)), "", SWEEP_NOTE]
     return out
+
+
+def _judges_section(report: dict) -> list[str]:
+    """The second judges' table, where the eval had any (--judges)."""
+    table = judges_table(report)
+    return [] if table is None else [f"## {JUDGES_TITLE}", "", _md_table(*table), "", JUDGES_NOTE, ""]
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:

@@ -242,12 +242,25 @@ def _caveats(report: dict) -> list[dict]:
 
 
 def _judge_warning(report: dict) -> list[dict]:
-    """Rows whose discriminator saw the eval's judge network: their scores here are not an independent judgement."""
-    rows = [r for r in report["rows"] if r.get("independent_judge") is False]
-    if not rows:
-        return []
+    """Rows whose discriminator saw the eval's judge network: their scores here are not an independent judgement.
+    A warning for the first judge (its FD drives every verdict), a note per second judge (its column only)."""
     p = report["protocol"]
-    return [{"kind": "warning", "label": rows[0]["label"], "text": (
-        f"Not an independent judge: {', '.join(r['label'] for r in rows)} trained against {p['feature_net']}, the "
-        f"network behind {p['fd_name']} and KID here, so those scores favour them; judge them by prompt alignment, "
-        "the samples, or another feature network.")}]
+    rows = [r for r in report["rows"] if r.get("independent_judge") is False]
+    out = []
+    if rows:
+        clean = [j["name"] for j in p.get("judges") or []
+                 if all((r.get("judges") or {}).get(j["name"], {}).get("independent", True) for r in rows)]
+        other = f"the second judges' columns ({', '.join(clean)})" if clean else "another feature network (--judges)"
+        out.append({"kind": "warning", "label": rows[0]["label"], "text": (
+            f"Not an independent judge: {', '.join(r['label'] for r in rows)} trained against {p['feature_net']}, "
+            f"the network behind {p['fd_name']} and KID here, so those scores favour them; judge them by prompt "
+            f"alignment, the samples, or {other}.")})
+    for j in p.get("judges") or []:
+        seen = [r["label"] for r in report["rows"] if (r.get("judges") or {}).get(j["name"], {}).get("independent")
+                is False]
+        if seen:
+            out.append({"kind": "note", "label": seen[0], "text": (
+                f"Second judge {j['name']} is not independent of {', '.join(seen)}: they trained against "
+                f"{j['network']}, so their {j['fd_name']} and KID in that column favour them; read the other "
+                "judges for those rows.")})
+    return out

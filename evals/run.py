@@ -8,7 +8,8 @@ Rows of the report, all generated from the same N prompts with the same per-samp
   <student>@k      each student at k steps with its LCMScheduler and the guidance its metadata gives
   real (floor)     N other real images against the reference: the metric's bias at this N (a yardstick, not a bound)
 Quality (`evals.metrics`, `evals.alignment`): FD on the feature net, KID x 1000 (mean, std over subsets),
-precision / recall (k = 3), per-prompt diversity, prompt alignment (retrieval among captions, cosine).
+precision / recall (k = 3), per-prompt diversity, prompt alignment (retrieval among captions, cosine); with
+--judges, FD and KID on each further feature network too, from the same images in the same pass.
 Speed (`evals.speed`): batch-1 latency by stage, throughput at --batch-size, peak memory, speedups.
 Generated images are turned into features batch by batch and dropped; only a few are kept for the grid.
 
@@ -26,7 +27,7 @@ from evals.baselines import best_per_steps, control_candidate, sweep_candidates
 from evals.cascade_rows import cascade_for
 from evals.entries import add_models, assemble, row_entry
 from evals.generate import GRID_PROMPTS, Generated, encode_all, generate
-from evals.measure import Measure, floor_entry, quality
+from evals.measure import Measure, floor_entry, judge_quality, quality
 from evals.plots import sample_grid_png
 from evals.progress import log
 from evals.reference import RealSet, choose_prompts, grid_images, load_real
@@ -46,12 +47,12 @@ def run_eval(settings: EvalSettings) -> dict:
     t0 = time.perf_counter()
     real = load_real(settings.reference, settings.num_samples, settings.seed)
     prompts, prompt_source = choose_prompts(settings, real)
-    measure = Measure(settings.feature_net, settings.alignment, device, settings.feature_resolution)
+    measure = Measure(settings.feature_net, settings.alignment, device, settings.feature_resolution, settings.judges)
     guidance = settings.guidance_scale if settings.guidance_scale is not None else guidance_from_students(settings)
     timings["setup_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    state = {"ref": None, "kid_size": max(2, settings.num_samples // 2), "seed": settings.seed}
+    state = {"ref": None, "judge_ref": {}, "kid_size": max(2, settings.num_samples // 2), "seed": settings.seed}
     floor = _real_features(measure, real, state)
     timings["real_features_s"] = time.perf_counter() - t0
 
@@ -101,6 +102,7 @@ def _real_features(measure: Measure, real: RealSet | None, state: dict) -> dict 
     log(f"features of {len(real.images)} reference images"
         + (f" and {len(real.floor_images)} floor images" if real.floor_images is not None else ""))
     state["ref"] = measure.features(real.images)
+    state["judge_ref"] = measure.judge_features(real.images)
     return None if real.floor_images is None else floor_entry(measure, real, state)
 
 
@@ -208,17 +210,20 @@ def evaluate_candidate(group, prompts, settings, measure, state, rows, grids, ti
         _add(timings, "metrics_s", time.perf_counter() - t2)
         rows.append(row)
         grids.append((label, gen.grid))
-        log(f"{label}: {measure.fd_name} {row['quality']['fd']:.1f}, latency p50 {lat['p50_ms']:.1f} ms, "
+        judged = "".join(f", {measure.judges[k].fd_name} {v['fd']:.1f}" for k, v in row.get("judges", {}).items())
+        log(f"{label}: {measure.fd_name} {row['quality']['fd']:.1f}{judged}, latency p50 {lat['p50_ms']:.1f} ms, "
             f"{row['speed']['throughput_img_s']:.1f} img/s at batch {settings.batch_size}")
 
 
 def _scored_row(cand: models.Candidate, steps: int, gen: Generated, text_ms: float, lat: dict, prompts: list[str],
                 settings: EvalSettings, measure: Measure, state: dict) -> dict:
-    """The row of one (candidate, steps) with its quality against the reference features."""
+    """The row of one (candidate, steps) with its quality against the reference features (on every judge)."""
     if state["ref"] is None:
-        state["ref"] = gen.feats
+        state["ref"], state["judge_ref"] = gen.feats, gen.judge_feats
     row = row_entry(cand, steps, gen, text_ms, lat, settings.batch_size)
     row["quality"] = quality(measure, state["ref"], gen.feats, state["kid_size"], settings.seed)
+    if measure.judges:
+        row["judges"] = judge_quality(state["judge_ref"], gen.judge_feats, state["kid_size"], settings.seed)
     row["quality"]["diversity"] = gen.diversity
     if gen.collapse is not None:
         row["quality"]["collapse"] = gen.collapse

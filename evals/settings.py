@@ -32,6 +32,8 @@ class EvalSettings:
     baseline_guidance: float | None = None
     seed: int = 0
     feature_net: str = "effnet-lite0"
+    # Second judges: FD and KID on other feature networks, from the same images (effnet-lite1, dinov2[:id], inception)
+    judges: list[str] = field(default_factory=list)
     feature_resolution: int = 128  # EffNet input size; 128 is what evals/calibrate.py uses
     alignment: str = "emoji-align"
     price_per_gpu_hour: float = 2.0
@@ -69,10 +71,25 @@ class EvalSettings:
         if missing:
             raise ConfigError(f"--cascade {missing[0]} drafts with a student that is not among --student; add "
                               "--student with the same path.")
+        self._check_judges()
         if self.sweep_samples and self.sweep_samples < 16:
             raise ConfigError(f"--sweep-samples {self.sweep_samples} is too small to rank samplers: use 16 or more "
                               "(or 0 for the full N).")
 
+    def _check_judges(self) -> None:
+        """Unknown or repeated judges are refused here, before any network is loaded or image generated."""
+        from evals.decision import network_key
+        from evals.features import FEATURE_NETS, known_feature_net
+
+        seen = {network_key(self.feature_net): f"--feature-net {self.feature_net}"}
+        for name in self.judges:
+            if not known_feature_net(name):
+                raise ConfigError(f"--judges {name}: unknown feature network; choose among "
+                                  f"{', '.join(FEATURE_NETS)} or dinov2:<hub id or folder>.")
+            if network_key(name) in seen:
+                raise ConfigError(f"--judges {name} is the same network as {seen[network_key(name)]}: "
+                                  "list each judge once.")
+            seen[network_key(name)] = f"--judges {name}"
 
 
 def defaults() -> dict:

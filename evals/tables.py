@@ -1,6 +1,6 @@
 """The report's tables and text sections as plain rows of strings, shared by report.md, report.html and the
 terminal summary of `distill eval`: quality, speed, the decision matrix (each student against the best training-free
-sampler, its control, and what it cost) and the training-free sweep at the screening N.
+sampler, its control, and what it cost), the training-free sweep at the screening N and the second judges.
 """
 
 from __future__ import annotations
@@ -81,6 +81,50 @@ def quality_table(report: dict) -> tuple[list[str], list[list[str]]]:
     if report["floor"] is not None:
         body.append(["real vs real (floor)", "—", "—", "—"] + _quality_cells(report["floor"], columns)
                     + (["—"] if judged else []))
+    return head, body
+
+
+NOT_INDEPENDENT = "not independent"
+JUDGES_TITLE = "Second judges"
+JUDGES_NOTE = ("Every judge scores the same generated images against the same real ones, each on its own feature "
+               "network (FD and KID×1000 at the full N; precision, recall, diversity, alignment, the screening and "
+               "every verdict are the first judge's). "
+               "Numbers on different networks do not compare with each other: compare rows within a column, and "
+               "trust an ordering the judges agree on. 'not independent': the row's student trained against that "
+               "network (its student.json's feature_network), so that column favours it.")
+
+
+def _judge_cells(score: dict | None, independent: bool | None) -> list[str]:
+    """FD (marked when the judge is not independent of the row) and KID ± spread of one row on one judge."""
+    if not score:
+        return ["—", "—"]
+    mark = f" ({NOT_INDEPENDENT})" if independent is False else ""
+    return [f"{score['fd']:.1f}{mark}", f"{score['kid']:.2f} ± {score['kid_std']:.2f}"]
+
+
+def judges_table(report: dict) -> tuple[list[str], list[list[str]]] | None:
+    """(header, rows): every row, then the floor, on the first judge and on each second judge (--judges), FD and
+    KID; a cell is marked "not independent" where the row's student trained against that judge's network. None
+    when the report has no second judge."""
+    p = report["protocol"]
+    judges = p.get("judges") or []
+    if not judges:
+        return None
+    head = ["model@steps", "NFE"]
+    for name, fd in [(p["feature_net"], p["fd_name"])] + [(j["name"], j["fd_name"]) for j in judges]:
+        head += [f"{name}: {fd} ↓", f"{name}: KID×1000 ↓"]
+    body = []
+    for r in report["rows"]:
+        scores = r.get("judges") or {}
+        cells = _judge_cells(r["quality"], r.get("independent_judge"))
+        for j in judges:
+            score = scores.get(j["name"])
+            cells += _judge_cells(score, (score or {}).get("independent"))
+        body.append([r["label"], str(r["nfe"])] + cells)
+    floor = report["floor"]
+    if floor is not None:
+        body.append(["real vs real (floor)", "—"] + _judge_cells(floor, None)
+                    + sum((_judge_cells((floor.get("judges") or {}).get(j["name"]), None) for j in judges), []))
     return head, body
 
 
@@ -277,11 +321,14 @@ def protocol_items(report: dict) -> list[tuple[str, str]]:
     reference = (f"{ref['source']}: N = {ref['n']} images (floor: {ref['floor_n'] or 'none'} disjoint ones); "
                  f"{ref.get('rows', '')}" if ref else p.get("reference_note") or "none")
     kid = p["kid"]
+    judges = "; ".join(f"{j['fd_name']} and KID×1000 on {j['network']} features at {j['feature_resolution']} px"
+                       + (f" ({j['source']})" if j.get("source") else "") for j in p.get("judges") or [])
     items = [
         ("metrics", f"{p['fd_name']} on {p['feature_net']} pooled features at {p['feature_resolution']} px; KID×1000 "
                     f"({kid.get('kernel', 'cubic')}, {kid['subsets']} subsets of {kid['subset_size']}); precision/recall "
                     f"k = {p['precision_recall_k']}; diversity: {p['diversity']['prompts']} prompts × "
                     f"{p['diversity']['samples_per_prompt']} seeds"),
+        *([("second judges", f"the same images, the same reference: {judges}")] if judges else []),
         ("N", f"{p['n']} generated images per row, compared with {reference}"),
         ("prompts", p["prompts"]), ("seeds", p["seeds"]),
         ("images", f"{'×'.join(map(str, p['image_resolution']))} px generated" if p.get("image_resolution")

@@ -107,7 +107,7 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
     result = _eval("--teacher", tiny_sd_v_path, "--student", students[0], "--student", students[1], "--steps", "1,2",
                    "--teacher-steps", 3, "-n", 16, "--batch-size", 8, "--latency-runs", 2, "--latency-warmup", 1,
                    "--diversity-prompts", 2, "--diversity-samples", 2, "--baseline", "none", "--no-control",
-                   "--out", out)
+                   "--judges", "effnet-lite1", "--out", out)
     assert result.exit_code == 0, result.output
     from evals.report import FILES
     from evals.schema import validate
@@ -124,6 +124,8 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
     assert report["floor"]["fd"] > 0 and report["recommendations"][0]["kind"] == "warning"  # small N, said first
     assert any(r["kind"] == "latency_budget" for r in report["recommendations"])
     assert "report:" in result.output and "FD-EffNet" in result.output
+    assert all(r["judges"]["effnet-lite1"]["independent"] for r in report["rows"])  # no student named a network
+    assert "## Second judges" in (out / "report.md").read_text() and "FD-EffNet-L1 ↓" in (out / "report.md").read_text()
 
 
 def test_prompt_file_without_real_images_compares_with_the_teacher(tiny_sd_path, tmp_path):
@@ -132,10 +134,13 @@ def test_prompt_file_without_real_images_compares_with_the_teacher(tiny_sd_path,
     out = tmp_path / "report"
     result = _eval("--teacher", tiny_sd_path, "--prompts", prompts, "--reference", "none", "--alignment", "none",
                    "--steps", "1", "--teacher-steps", 2, "-n", 6, "--guidance-scale", 2, "--latency-runs", 1,
-                   "--latency-warmup", 0, "--diversity-prompts", 2, "--diversity-samples", 2, "--out", out)
+                   "--latency-warmup", 0, "--diversity-prompts", 2, "--diversity-samples", 2, "--judges",
+                   "effnet-lite1", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["floor"] is None and report["rows"][0]["quality"]["fd"] == pytest.approx(0, abs=1e-2)
+    assert report["rows"][0]["judges"]["effnet-lite1"]["fd"] == pytest.approx(0, abs=1e-2)  # its own reference too
+    assert report["rows"][1]["judges"]["effnet-lite1"]["fd"] > 1
     assert "cycled" in report["protocol"]["prompts"] and "align_top1" not in report["rows"][1]["quality"]
     assert report["rows"][1]["vs_teacher"]["fd_ratio"] is None or report["rows"][0]["quality"]["fd"] > 1e-6
 
