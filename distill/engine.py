@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from distill import runs
 from distill.budget import Budget
 from distill.checkpoint import load_module, save_module
-from distill.errors import ConfigError
+from distill.errors import ConfigError, TrainingStopped
 from distill.device import device_name
 from distill.memory import peak_mb
 from distill.optim import lr_multiplier
@@ -149,9 +150,11 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
         seconds += time.monotonic() - started
         method.after_step(step, stepped)
         step += 1
-        losses.add(values)
+        scores = {k: v for k, v in values.items() if not k.startswith("grad_norm_")}  # norms: logged, not summarised
+        losses.add(scores)
         _log(accelerator, method, stage, values, step)
-        progress.update(step, **values)
+        _stop_if_failed(accelerator, method, folder, values, step)
+        progress.update(step, **scores)
         _cadence(accelerator, method, run, folder, loop, budget, step)
     progress.close()
     _checkpoint(accelerator, method, folder, loop, budget, step)
@@ -180,7 +183,9 @@ def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step:
             if torch.is_tensor(total):
                 accelerator.backward(total)
             for name in names:
-                _clip_and_step(accelerator, method.optimizers[name], loop.max_grad_norm)
+                norm = _clip_and_step(accelerator, method.optimizers[name], loop.max_grad_norm)
+                if norm is not None:
+                    out[f"grad_norm_{name}"] = norm
             for optimizer in method.optimizers.values():  # no gradient leaks into another phase's step
                 optimizer.zero_grad(set_to_none=True)
         for k, v in out.items():  # logged: the mean over the micro-steps
@@ -188,11 +193,28 @@ def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step:
     return names, values
 
 
-def _clip_and_step(accelerator, optimizer, max_grad_norm: float | None) -> None:
-    if max_grad_norm and accelerator.sync_gradients:
+def _clip_and_step(accelerator, optimizer, max_grad_norm: float | None):
+    """Clip (when asked) and step; returns the gradient norm before clipping, which is logged (None mid-accumulation)."""
+    norm = None
+    if accelerator.sync_gradients:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        accelerator.clip_grad_norm_(params, max_grad_norm)
+        norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
+        norm = norm.detach() if torch.is_tensor(norm) else norm
     optimizer.step()
+    return norm
+
+
+def _stop_if_failed(accelerator, method, folder: Path, values: dict, step: int) -> None:
+    """Stop on a NaN/infinite loss or on the method's own `stop_reason`, in one sentence that names the step and the
+    last good checkpoint (nothing is written over it: the state now is the failed one)."""
+    bad = [k for k, v in values.items() if not math.isfinite(v) and not k.startswith("grad_norm_")]
+    reason = f"the {bad[0]} loss is {values[bad[0]]}" if bad else method.stop_reason(step, values)
+    if reason is None:
+        return
+    found = runs.list_checkpoints(folder)
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before it"
+    accelerator.end_training()
+    raise TrainingStopped(f"Training stopped at step {step}: {reason}; {last}.")
 
 
 def _set_learning_rates(method, names: list[str], loop: Loop, budget: Budget, step: int) -> None:

@@ -19,3 +19,8 @@ class DataError(DistillError):
 
 class ModelError(DistillError):
     """A teacher, student or checkpoint cannot be loaded."""
+
+
+class TrainingStopped(DistillError):
+    """A run stopped itself: a loss turned NaN/inf, or the method found training had failed (e.g. a discriminator
+    that wins outright). The message names the step and the last good checkpoint."""

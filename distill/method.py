@@ -12,6 +12,8 @@ A method (one per recipe, written top to bottom in `recipes/<name>.py`) declares
   that requires grad is summed and back-propagated; the rest are only logged. The generator is the iteration's
   own (seeded by seed, iteration and process), so a resumed run draws what an uninterrupted one would.
 - `after_step(iteration, stepped)`: what follows the optimizer steps (EMA and target updates).
+- `stop_reason(step, values)`: a sentence when training has failed and must stop (the engine itself stops on a
+  loss that is NaN or infinite), naming what went wrong and what to change.
 - `save_student(folder, step)`: the shippable student (weights + `student.json`), at checkpoints and the end.
 - `save_samples(path)` and `finish(folder, step)`: grids during training and after it.
 
@@ -51,6 +53,10 @@ class Method:
 
     def after_step(self, iteration: int, stepped: list[str]) -> None:
         """Called once per iteration after its optimizers stepped (not after accumulation micro-steps)."""
+
+    def stop_reason(self, step: int, values: dict[str, float]) -> str | None:
+        """Why the run must stop now (after `step` iterations, with this iteration's logged values), or None."""
+        return None
 
     def save_student(self, folder: Path, step: int) -> None:
         """Write the shippable student into `folder` (nothing by default: e.g. a teacher-training method)."""

@@ -172,3 +172,37 @@ def test_eta_names_the_binding_budget(monkeypatch):
     fast = Budget(100, 60.0)
     clock[0] += 10.0
     assert fast.eta(50) == (pytest.approx(10.0), 100, "steps")
+
+
+class NanAt(ToyGan):
+    """The critic's loss turns NaN at iteration `at`."""
+
+    def __init__(self, at):
+        super().__init__(dropout=0.0)
+        self.at = at
+
+    def step(self, batch, iteration, generator):
+        out = super().step(batch, iteration, generator)
+        if iteration == self.at:
+            out["critic"] = out["critic"] * float("nan")
+        return out
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    from distill.errors import TrainingStopped
+
+    torch.manual_seed(0)
+    run = engine.start_run(_cfg(tmp_path))
+    with pytest.raises(TrainingStopped, match=r"step 5: the critic loss is nan; the last good checkpoint is .*step-0000004"):
+        engine.fit(run, NanAt(4), _loop(8))
+    assert [c.name for c in list_checkpoints(run.dir)] == ["step-0000002", "step-0000004"]  # nothing written after
+
+
+def test_gradient_norms_are_logged_per_optimizer_but_not_summarised_as_losses(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(engine, "_log", lambda acc, method, stage, values, step: logged.append(dict(values)))
+    torch.manual_seed(0)
+    _, _, report = _train(tmp_path, 2)
+    assert logged[0]["grad_norm_critic"] > 0 and "grad_norm_generator" not in logged[0]  # it did not step then
+    assert "grad_norm_generator" in logged[1]  # (zero here: the toy's two losses cancel in the generator)
+    assert not any(k.startswith("grad_norm") for k in report["losses"])
