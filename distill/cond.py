@@ -55,6 +55,15 @@ class Cond:
             batch_size=None if self.tensors() else batch_size,
         )
 
+    def pooled(self) -> Tensor:
+        """One vector per sample [B, D] that summarises the text: SDXL's pooled embedding where there is one, else
+        the mean of the token states (what a discriminator head is conditioned on by projection)."""
+        if self.added_cond_kwargs and "text_embeds" in self.added_cond_kwargs:
+            return self.added_cond_kwargs["text_embeds"]
+        if self.encoder_hidden_states is None:
+            raise ValueError("This Cond holds no text embedding to pool (a class- or unconditional model).")
+        return self.encoder_hidden_states.mean(dim=1)
+
     def cat(self, other: Cond) -> Cond:
         """Batch concatenation [self; other]; both must hold the same fields."""
         if len(self.tensors()) != len(other.tensors()):
