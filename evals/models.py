@@ -53,6 +53,12 @@ class Candidate:
         """Classifier-free guidance runs (two UNet passes a step), as StableDiffusionPipeline decides it."""
         return self.guidance_scale > 1 and not self.guidance_input and self.model.is_conditional
 
+    def supports(self, steps: int) -> bool:
+        """Whether its scheduler can take this many steps: an LCMScheduler only up to its `original_inference_steps`
+        (an ADD student's grid of 4 timesteps has no 8-step schedule)."""
+        limit = self.scheduler_config.get("original_inference_steps") if self.scheduler_cls.__name__ == "LCMScheduler" else None
+        return limit is None or steps <= limit
+
     def nfe(self, steps: int) -> int:
         """UNet evaluations per image: steps, doubled by CFG."""
         return steps * (2 if self.cfg else 1)

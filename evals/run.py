@@ -152,12 +152,15 @@ def _student_stage(source, teacher, settings, device, dtype, prompts, measure, s
     _unique_name(student, model_info)
     _add(timings, "load_s", time.perf_counter() - t0)
     add_models(model_info, [student])
-    evaluate_candidate([(student, k) for k in settings.steps], prompts, settings, measure, state, rows, grids, timings)
+    steps = [k for k in settings.steps if student.supports(k)]
+    if steps != list(settings.steps):
+        log(f"{student.name}: its sampler has no schedule for {sorted(set(settings.steps) - set(steps))} steps; skipped")
+    evaluate_candidate([(student, k) for k in steps], prompts, settings, measure, state, rows, grids, timings)
     if settings.control and state["ref"] is not None:
         t1 = time.perf_counter()
         control = control_candidate(teacher.model, teacher.source, student)
         n = screen_n(settings, len(prompts))
-        sweep.extend(screen([control], settings.steps, prompts[:n], settings, measure, state["ref"], "control"))
+        sweep.extend(screen([control], steps, prompts[:n], settings, measure, state["ref"], "control"))
         _add(timings, "control_s", time.perf_counter() - t1)
     for spec in settings.cascades:
         cascade = cascade_for(spec, source, student, teacher)

@@ -208,3 +208,26 @@ def test_a_lora_made_elsewhere_is_evaluated_with_the_sampler_given(tiny_sd_v_pat
     model = next(m for m in report["models"] if m["name"] == "published-lora")
     assert model["metadata"]["adapter_mb"] > 0 and "made elsewhere" in model["description"]
     assert row["vs_control"]["label"] == "control[published-lora]@2"  # the untrained teacher, sampled the same way
+
+
+def test_a_student_is_evaluated_only_at_step_counts_its_sampler_has(tiny_sd_v_path, students, tmp_path):
+    """An ADD student samples on a grid of 4 timesteps (LCMScheduler with original_inference_steps=4): at 8 steps
+    diffusers would raise mid-run. Here a grid of 2, asked for 1 and 4 steps: only 1 is run, its control too."""
+    import shutil
+
+    add_run = tmp_path / "add_run"
+    shutil.copytree(students[0], add_run)
+    info_path = add_run / "student" / "student.json"
+    info = json.loads(info_path.read_text())
+    info["sampler"]["config"]["original_inference_steps"] = 2
+    info.update(method="add", feature_network="effnet-lite1")
+    info_path.write_text(json.dumps(info))
+    out = tmp_path / "report"
+    result = _eval("--teacher", tiny_sd_v_path, "--student", add_run, "--steps", "1,4", "--teacher-steps", 3,
+                   "-n", 8, "--batch-size", 8, "--latency-runs", 1, "--latency-warmup", 0, "--diversity-prompts", 2,
+                   "--diversity-samples", 2, "--baseline", "none", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "no schedule for [4] steps" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [r["label"] for r in report["rows"] if r["role"] == "student"] == ["add_run@1"]
+    assert [e["steps"] for e in report["sweep"] if e["kind"] == "control"] == [1]
