@@ -31,6 +31,7 @@ class Generated:
     diversity: float
     collapse: float | None = None  # share of prompts whose samples over seeds are near-duplicates (None: no tau)
     judge_feats: dict[str, torch.Tensor] = field(default_factory=dict)  # each second judge's features, same images
+    spreads: list[float] | None = None  # per diversity prompt: the mean pairwise feature distance over seeds
 
 
 def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[list, float]:
@@ -72,9 +73,9 @@ def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list
             judged.setdefault(name, []).append(jf)
         grid = _keep_for_grid(grid, images)
         progress.update(idx.stop)
-    div, collapse = diversity(cand, steps, prompts, settings, measure)
+    div, collapse, spreads = diversity(cand, steps, prompts, settings, measure)
     return Generated(torch.cat(feats), None if embs[0] is None else torch.cat(embs), torch.from_numpy(grid),
-                     clock.summary(), peak, div, collapse, {k: torch.cat(v) for k, v in judged.items()})
+                     clock.summary(), peak, div, collapse, {k: torch.cat(v) for k, v in judged.items()}, spreads)
 
 
 def _keep_for_grid(grid: np.ndarray | None, images: torch.Tensor) -> np.ndarray:
@@ -93,11 +94,12 @@ def diversity_prompts(prompts: list[str], count: int) -> list[str]:
 
 
 def diversity(cand: models.Candidate, steps: int, prompts: list[str], settings: EvalSettings,
-              measure: Measure) -> tuple[float, float | None]:
+              measure: Measure) -> tuple[float, float | None, list[float]]:
     """(mean pairwise feature distance among K samples (different seeds) of each of P prompts, the share of those
-    prompts whose samples are near-duplicates under the calibrated threshold, or None without one)."""
+    prompts whose samples are near-duplicates under the calibrated threshold, or None without one, and each prompt's
+    spread)."""
     from evals.calibrate import collapse_tau
-    from evals.metrics import collapse_rate, diversity as metric
+    from evals.metrics import collapse_rate, diversity as metric, pairwise_spread
 
     chosen = diversity_prompts(prompts, settings.diversity_prompts)
     k = settings.diversity_samples
@@ -110,4 +112,5 @@ def diversity(cand: models.Candidate, steps: int, prompts: list[str], settings: 
         feats.append(measure.features(models.decode(cand, z).cpu()))
     grouped = torch.cat(feats).view(len(chosen), k, -1)
     tau = collapse_tau(settings.feature_net, settings.feature_resolution, cand.model.resolution()[0], k=k)
-    return metric(grouped), None if tau is None else collapse_rate(grouped, tau)
+    spreads = [round(float(v), 4) for v in pairwise_spread(grouped)]
+    return metric(grouped), None if tau is None else collapse_rate(grouped, tau), spreads

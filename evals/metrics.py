@@ -132,3 +132,19 @@ def distribution_metrics(
     precision, recall = precision_recall(real, fake, k)
     return {fd_name: frechet_distance(real, fake), "KIDx1000": kid_mean, "KIDx1000_std": kid_std,
             "precision": precision, "recall": recall}
+
+
+COLLAPSE_VS_TEACHER = 0.5  # a prompt collapsed "vs the teacher" when its spread is under half the teacher's there
+
+
+def collapse_vs_teacher(spreads: torch.Tensor, teacher_spreads: torch.Tensor, ratio: float = COLLAPSE_VS_TEACHER) -> float:
+    """Share of prompts whose samples vary less than `ratio` x the teacher's on the same prompt, in [0, 1].
+
+    rate = mean_p [ spread_p < ratio * spread_p(teacher) ], spreads from `pairwise_spread` on the same P prompts and
+    seeds. The absolute `collapse_rate` cannot tell a prompt the teacher itself answers with one image (one emoji per
+    caption) from a collapsed student; paired per prompt, the teacher scores 0 by construction and a student that
+    answers every seed with one image scores 1. spreads, teacher_spreads: (P,).
+    """
+    if spreads.shape != teacher_spreads.shape:
+        raise ValueError(f"Spreads {tuple(spreads.shape)} and the teacher's {tuple(teacher_spreads.shape)} must match.")
+    return float((spreads < ratio * teacher_spreads).double().mean())

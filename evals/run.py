@@ -64,6 +64,7 @@ def run_eval(settings: EvalSettings) -> dict:
                        sweep, timings)
     models.free(teacher)
     sweep += student_entries(rows)
+    _collapse_vs_teacher(rows, settings.teacher_steps)
 
     report = assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings,
                       sweep)
@@ -230,11 +231,27 @@ def _scored_row(cand: models.Candidate, steps: int, gen: Generated, text_ms: flo
     row["quality"]["diversity"] = gen.diversity
     if gen.collapse is not None:
         row["quality"]["collapse"] = gen.collapse
+    row["spreads"] = gen.spreads
     if gen.embeddings is not None:
         row["quality"].update(measure.alignment(gen.embeddings, prompts))
     n = screen_n(settings, len(prompts))  # its score at the screening N, comparable with the sweep and the controls
     row["screen"] = screen_quality(measure, state["ref"], gen.feats, prompts[:n], gen.embeddings, settings.seed)
     return row
+
+
+def _collapse_vs_teacher(rows: list[dict], teacher_steps: int) -> None:
+    """Each row's collapse paired per prompt with the teacher at its usual steps (same prompts and seeds); the
+    per-prompt spreads are dropped from the rows afterwards."""
+    import torch
+
+    from evals.metrics import collapse_vs_teacher
+
+    usual = next((r for r in rows if r["role"] == "teacher" and r["steps"] == teacher_steps and r.get("spreads")), None)
+    teacher = torch.tensor(usual["spreads"]) if usual is not None else None
+    for row in rows:
+        spreads = row.pop("spreads", None)
+        if teacher is not None and spreads and len(spreads) == len(teacher):
+            row["quality"]["collapse_vs_teacher"] = collapse_vs_teacher(torch.tensor(spreads), teacher)
 
 
 def _add(timings: dict, key: str, seconds: float) -> None:

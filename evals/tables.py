@@ -8,7 +8,7 @@ from __future__ import annotations
 QUALITY_COLUMNS = [  # key, header, format, higher is better
     ("fd", None, "{:.1f}", False), ("kid", "KID×1000", None, False), ("precision", "precision", "{:.3f}", True),
     ("recall", "recall", "{:.3f}", True), ("diversity", "diversity", "{:.2f}", None),  # None: neither way
-    ("collapse", "collapsed", "{:.2f}", False),
+    ("collapse", "collapsed", "{:.2f}", False), ("collapse_vs_teacher", "collapsed vs teacher", "{:.2f}", False),
     ("align_top1", "top-1", "{:.3f}", True), ("align_top5", "top-5", "{:.3f}", True),
     ("align_cos", "cos", "{:.3f}", True), ("clip_score", "CLIPScore", "{:.2f}", True),
 ]
@@ -351,9 +351,15 @@ def protocol_items(report: dict) -> list[tuple[str, str]]:
 
 def models_rows(report: dict) -> list[list[str]]:
     """One row per model under MODEL_HEAD."""
-    return [[m["name"], m["description"], m["source"], m["scheduler"],
+    return [[m["name"], _described(m), m["source"], m["scheduler"],
              f"{m['guidance_scale']:g}" + (" (CFG)" if m["cfg"] else " (input)" if m["guidance_input"] else " (none)"),
              _fmt(m.get("weights_mb"), "{:.1f}")] for m in report["models"]]
+
+
+def _described(model: dict) -> str:
+    """The model's description, and for an adversarial student the network its discriminator read."""
+    network = (model.get("metadata") or {}).get("feature_network")
+    return model["description"] + (f"; its discriminator read {network}" if network else "")
 
 
 def mem_note(report: dict) -> str:

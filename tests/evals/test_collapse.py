@@ -85,3 +85,16 @@ def test_fresh_sample_under_the_committed_tau(committed):
     assert rate["near_copies"] >= 0.9
     assert rate["tone_variants"] <= 0.15
     assert float(spreads["near_copies"].median()) < committed["tau"] < float(spreads["tone_variants"].median())
+
+
+def test_collapse_vs_teacher_pairs_prompts_with_the_teachers_own_spread():
+    import torch
+
+    from evals.metrics import collapse_vs_teacher
+
+    teacher = torch.tensor([2.0, 10.0, 20.0, 30.0])  # a prompt the teacher answers with one image has spread ~2
+    assert collapse_vs_teacher(teacher, teacher) == 0.0  # the teacher against itself: 0 by construction
+    assert collapse_vs_teacher(torch.zeros(4), teacher) == 1.0  # one image for every seed: every prompt collapsed
+    assert collapse_vs_teacher(torch.tensor([1.5, 4.0, 15.0, 14.0]), teacher) == 0.5  # 4 < 5 and 14 < 15
+    with pytest.raises(ValueError, match="must match"):
+        collapse_vs_teacher(torch.zeros(3), teacher)

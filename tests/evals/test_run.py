@@ -125,6 +125,8 @@ def test_distill_eval_end_to_end_on_a_tiny_teacher_and_two_students(tiny_sd_v_pa
     assert any(r["kind"] == "latency_budget" for r in report["recommendations"])
     assert "report:" in result.output and "FD-EffNet" in result.output
     assert all(r["judges"]["effnet-lite1"]["independent"] for r in report["rows"])  # no student named a network
+    assert report["rows"][0]["quality"]["collapse_vs_teacher"] == 0.0  # the teacher paired with itself
+    assert all(0 <= r["quality"]["collapse_vs_teacher"] <= 1 and "spreads" not in r for r in report["rows"])
     assert "## Second judges" in (out / "report.md").read_text() and "FD-EffNet-L1 ↓" in (out / "report.md").read_text()
 
 
@@ -231,3 +233,4 @@ def test_a_student_is_evaluated_only_at_step_counts_its_sampler_has(tiny_sd_v_pa
     report = json.loads((out / "report.json").read_text())
     assert [r["label"] for r in report["rows"] if r["role"] == "student"] == ["add_run@1"]
     assert [e["steps"] for e in report["sweep"] if e["kind"] == "control"] == [1]
+    assert "its discriminator read effnet-lite1" in (out / "report.md").read_text()  # which network it saw
