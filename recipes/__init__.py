@@ -14,7 +14,7 @@ from types import ModuleType
 
 from distill.errors import ConfigError
 
-RECIPES = {"lcm": "recipes.lcm", "teacher": "recipes.teacher"}
+RECIPES = {"add": "recipes.add", "lcm": "recipes.lcm", "teacher": "recipes.teacher"}
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
