@@ -26,7 +26,7 @@ def row_entry(cand: models.Candidate, steps: int, gen: Generated, text_ms: float
     """A row's identity and speed; quality and the comparison with the teacher are added later."""
     stage = dict(gen.clock["stage_ms_per_image"], text=text_ms)
     per_image_ms = sum(stage.values())
-    extra = {k: cand.metadata[k] for k in ("training", "feature_network", "control_of") if cand.metadata.get(k)}
+    extra = {k: cand.metadata[k] for k in ("training", "feature_network", "control_of", "method") if cand.metadata.get(k)}
     return extra | {
         "label": cand.label(steps), "model": cand.name, "role": cand.role, "kind": cand.kind, "steps": steps,
         "scheduler": cand.scheduler_name, "guidance_scale": cand.guidance_scale, "cfg": cand.cfg,

@@ -48,7 +48,8 @@ def _who(row: dict) -> str:
         return f"the cascade `{row['model']}` ({row['nfe']} network evaluations)"
     if row["role"] == "teacher":
         return f"the teacher at {_steps(row['steps'])}" + (f" ({sampler_name(row)})" if row.get("baseline") else "")
-    kinds = {"lora": "LCM-LoRA", "full": "LCM", "pipeline": "pipeline"}
+    method = row.get("method", "lcm").upper()  # the recipe that made it: LCM, ADD, LADD
+    kinds = {"lora": f"{method}-LoRA", "full": method, "pipeline": "pipeline"}
     return f"{kinds.get(row['kind'], row['kind'])} `{row['model']}` at {_steps(row['steps'])}"
 
 
