@@ -233,4 +233,6 @@ def test_a_student_is_evaluated_only_at_step_counts_its_sampler_has(tiny_sd_v_pa
     report = json.loads((out / "report.json").read_text())
     assert [r["label"] for r in report["rows"] if r["role"] == "student"] == ["add_run@1"]
     assert [e["steps"] for e in report["sweep"] if e["kind"] == "control"] == [1]
-    assert "its discriminator read effnet-lite1" in (out / "report.md").read_text()  # which network it saw
+    md = (out / "report.md").read_text()
+    assert "its discriminator read effnet-lite1" in md  # which network it saw
+    assert "ADD `add_run` at 1 step" in md and "LCM `add_run`" not in md  # named by the recipe that made it
