@@ -235,4 +235,6 @@ def test_a_student_is_evaluated_only_at_step_counts_its_sampler_has(tiny_sd_v_pa
     assert [e["steps"] for e in report["sweep"] if e["kind"] == "control"] == [1]
     md = (out / "report.md").read_text()
     assert "its discriminator read effnet-lite1" in md  # which network it saw
-    assert "ADD `add_run` at 1 step" in md and "LCM `add_run`" not in md  # named by the recipe that made it
+    assert report["rows"][-1]["method"] == "add" and "LCM `add_run`" not in md  # named by the recipe that made it
+    from evals.recommend import _who
+    assert _who(report["rows"][-1]) == "ADD-LoRA `add_run` at 1 step"
