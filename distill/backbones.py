@@ -115,13 +115,19 @@ def _load_dinov2(model_id: str) -> nn.Module:
 
 def build_backbone(spec: str, resolution: int | None = None) -> Backbone:
     """'effnet-lite1' or 'dinov2[:<hub id or folder>]' -> a frozen Backbone."""
+    check_backbone(spec)
+    if spec == "effnet-lite1":
+        return EffNetLite1(resolution or 64)
+    model_id = spec.partition(":")[2] or "facebook/dinov2-small"
+    return Dinov2(model_id, resolution=resolution or 224)
+
+
+def check_backbone(spec: str) -> None:
+    """Refuse the judge's network and unknown names without loading anything (before a run starts)."""
     if spec == JUDGE:
         raise ConfigError(f"discriminator.feature_network={JUDGE} is the eval's judge (FD-EffNet): a student trained "
                           "against it would score well without being better; use effnet-lite1 or dinov2.")
-    if spec == "effnet-lite1":
-        return EffNetLite1(resolution or 64)
-    if spec == "dinov2" or spec.startswith("dinov2:"):
-        model_id = spec.partition(":")[2] or "facebook/dinov2-small"
-        return Dinov2(model_id, resolution=resolution or 224)
+    if spec == "effnet-lite1" or spec == "dinov2" or spec.startswith("dinov2:"):
+        return
     raise ConfigError(f"Unknown discriminator.feature_network {spec!r}: use effnet-lite1 (offline) or "
                       "dinov2[:<hub id>] (ADD's DINOv2 ViT-S/14).")

@@ -38,7 +38,7 @@ import torch
 
 from distill import engine, optim
 from distill.augment import POLICIES, diff_augment
-from distill.backbones import build_backbone
+from distill.backbones import build_backbone, check_backbone
 from distill.config import DataConfig, OptimConfig, SampleConfig, TrainConfig
 from distill.consistency import inference_timesteps, lcm_sampler
 from distill.discriminator import Heads
@@ -366,6 +366,8 @@ class _no_param_grad:
 def main(cfg: AddRecipeConfig) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if cfg.add.variant == "add":
+        check_backbone(cfg.discriminator.feature_network)  # before a run folder exists
     run = engine.start_run(cfg)
     method = AdversarialDistillation(cfg, run.device)
     engine.fit(run, method, engine.Loop.from_config(cfg))

@@ -179,3 +179,9 @@ def test_add_on_the_emoji_teacher_trains_and_says_what_its_heads_saw(tmp_path):
     report = _report(run)
     assert report["steps"] == 3 and all(math.isfinite(v["last_50"]) for v in report["losses"].values())
     assert json.loads((run / "student" / "student.json").read_text())["feature_network"] == "effnet-lite1"
+
+
+def test_the_judge_as_discriminator_is_refused_before_a_run_folder_exists(tiny_sd_path, tmp_path):
+    with pytest.raises(ConfigError, match="judge"):
+        main(_cfg(tmp_path, tiny_sd_path, discriminator=dict(feature_network="effnet-lite0")))
+    assert not (tmp_path / "runs").exists()
