@@ -35,7 +35,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = 2  # older checkpoints are deleted beyond this many
-    resume_from_checkpoint: str | None = None  # a checkpoint folder, a run folder, or "latest"
+    resume_from_checkpoint: str | None = None  # null: a new run; a run folder, a checkpoint folder, or "latest"
+    allow_config_change: bool = False  # resume even if a training setting differs from the run's (recorded beside it)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the run, or skips the step
     report_to: str = "tensorboard"  # accelerate's trackers: tensorboard, wandb, ..., "all" or "none"
 
 
@@ -71,6 +73,57 @@ class SampleConfig:
     every_steps: int = 500  # a grid into samples/ every so many steps; 0: only the final one
     teacher_steps: int | None = 50  # final grid: the teacher at this many steps beside the student; null: none
     guidance_scale: float | None = None  # pipeline guidance for the student; null: what the student was made for
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """The range of a numeric key: at least `low` (more than `low` when `strict`), below `high` when given;
+    `null` says what null means where the key may be null."""
+
+    low: float
+    strict: bool = False
+    high: float | None = None
+    null: str = ""
+
+    def fits(self, value: Any) -> bool:
+        if value is None:  # the type check has already refused null where it is not allowed
+            return True
+        above = value > self.low if self.strict else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def problem(self, value: Any) -> str | None:
+        """None if `value` is in range (lists: every item), else what it must be."""
+        if all(self.fits(v) for v in (value if isinstance(value, (list, tuple)) else [value])):
+            return None
+        need = f"more than {self.low:g}" if self.strict else f"at least {self.low:g}"
+        need += f" and below {self.high:g}" if self.high is not None else ""
+        return need + (f", or null for {self.null}" if self.null else "")
+
+
+# Ranges of the shared keys (a recipe's own blocks check their own); inherited by every subclass of the block.
+BOUNDS: dict[type, dict[str, Bound]] = {
+    TrainConfig: {
+        "seed": Bound(0), "max_train_steps": Bound(1), "max_train_minutes": Bound(0, strict=True, null="no time limit"),
+        "train_batch_size": Bound(1), "gradient_accumulation_steps": Bound(1), "learning_rate": Bound(0, strict=True),
+        "checkpointing_steps": Bound(0), "checkpoints_total_limit": Bound(1, null="keeping every checkpoint"),
+    },
+    DataConfig: {"resolution": Bound(1), "max_samples": Bound(1, null="every row"), "num_workers": Bound(0)},
+    OptimConfig: {
+        "weight_decay": Bound(0), "beta1": Bound(0, high=1), "beta2": Bound(0, high=1), "eps": Bound(0, strict=True),
+        "max_grad_norm": Bound(0, strict=True, null="no clipping"), "lr_warmup_steps": Bound(0), "lr_floor": Bound(0),
+    },
+    SampleConfig: {"steps": Bound(1), "every_steps": Bound(0), "teacher_steps": Bound(1, null="no teacher column")},
+}
+
+
+def check_bounds(cfg: Any, prefix: str = "") -> None:
+    """ConfigError naming the first key of `cfg` (a config dataclass) outside its range in `BOUNDS`."""
+    for owner in type(cfg).__mro__:
+        for name, bound in BOUNDS.get(owner, {}).items():
+            value = getattr(cfg, name)
+            need = bound.problem(value)
+            if need:
+                raise ConfigError(f"Config key '{prefix}{name}' is {value!r}; it must be {need}.")
 
 
 def _type_name(tp: Any) -> str:
@@ -157,9 +210,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             raise unknown_key_error(key, cls, prefix)
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except TypeError as err:  # a required field without default
         raise ConfigError(f"Config for {cls.__name__} is incomplete: {err}.") from err
+    check_bounds(cfg, prefix)
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from distill.errors import ConfigError
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [-1, 1] -> list of RGB PIL images."""
@@ -90,6 +92,18 @@ def _fit(text: str, font, width: int) -> str:
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_image_path(path: str | Path, what: str) -> None:
+    """A ConfigError unless PIL can write an image under this name (by its extension) into a writable folder."""
+    from distill.preflight import check_writable
+
+    Image.init()
+    suffix = Path(path).suffix.lower()
+    if Image.registered_extensions().get(suffix) not in Image.SAVE:
+        raise ConfigError(f"{what} {path}: images cannot be written as {suffix or 'a name without an extension'}; "
+                          "end the name in .png, .jpg or .webp.")
+    check_writable(Path(path).expanduser().absolute().parent, f"{what}'s folder")
 
 
 def save_grid(rows: list[list[Image.Image]], path: str | Path, labels: Labels | None = None) -> Path:

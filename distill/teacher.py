@@ -15,6 +15,7 @@ means is `prediction_type`, turned into (x0, eps) by `distill.prediction`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,8 +27,19 @@ from distill.errors import ConfigError, ModelError
 from distill.families import Family, family_class, unsupported
 from distill.guidance import cfg, is_unguided
 from distill.schedule import schedule_for
+from distill.weights import check_components
 
 __all__ = ["Cond", "Teacher", "dtype_kwarg"]
+
+
+def pickle_allowed() -> bool:
+    """Pickled weights load only when the user says so (DISTILL_ALLOW_PICKLE=1): they can run arbitrary code."""
+    return os.environ.get("DISTILL_ALLOW_PICKLE", "") == "1"
+
+
+def _pickles_only(source: str) -> bool:
+    folder = Path(source)
+    return folder.is_dir() and any(folder.rglob("*.bin")) and not any(folder.rglob("*.safetensors"))
 
 
 class Teacher(torch.nn.Module):
@@ -81,17 +93,26 @@ class Teacher(torch.nn.Module):
         from diffusers import DiffusionPipeline
 
         source = str(path_or_id)
-        config = _load_index(source)
-        _pipeline_class(config.get("_class_name"), source)  # refuse before loading any weights
+        config, cache_only = check_pipeline(source)  # refuse before loading any weights
         kwargs = {dtype_kwarg(): torch_dtype}
+        if cache_only:
+            kwargs["local_files_only"] = True
         if variant is not None:
             kwargs["variant"] = variant
+        if not pickle_allowed():  # .bin/.ckpt weights are pickles, which run code when loaded
+            kwargs["use_safetensors"] = True
         if "safety_checker" in config:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         try:
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as err:  # the library raises OSError, ValueError, SafetensorError, ... for bad folders
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            if _pickles_only(source):
+                raise ModelError(
+                    f"The teacher pipeline at {source} has pickle weights (.bin) and no .safetensors: pickles can run "
+                    "code when loaded, so distill refuses them; re-save it with save_pretrained(..., "
+                    "safe_serialization=True), or set DISTILL_ALLOW_PICKLE=1 if you trust the files."
+                ) from err
             raise ModelError(
                 f"The teacher pipeline at {source} could not be loaded ({reason}); check that every component's "
                 "config and weights are present and intact, or re-save it with save_pretrained."
@@ -273,8 +294,19 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _load_index(source: str) -> dict:
-    """model_index.json of a local folder or hub id, with a ModelError for each way that can fail."""
+def check_pipeline(source: str) -> tuple[dict, bool]:
+    """(model_index.json, whether to load from the local cache only) of a teacher folder or hub id, after every check
+    that loads no weights: the folder or the hub (asked once), the pipeline class, each component's weight files."""
+    config, cache_only = _load_index(source)
+    _pipeline_class(config.get("_class_name"), source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        check_components(path, config, "The teacher")
+    return config, cache_only
+
+
+def _load_index(source: str) -> tuple[dict, bool]:
+    """(model_index.json, cache only) of a local folder or hub id, with a ModelError for each way that can fail."""
     from diffusers import DiffusionPipeline
 
     path = Path(source).expanduser()
@@ -286,15 +318,33 @@ def _load_index(source: str) -> dict:
             f"{source} is not a diffusers pipeline folder (no model_index.json); pass the folder a pipeline's "
             "save_pretrained wrote, or a hub id."
         )
-    try:
-        return dict(DiffusionPipeline.load_config(str(path) if local else source))
-    except (OSError, ValueError) as err:
-        if local:
+    if local:
+        try:
+            return dict(DiffusionPipeline.load_config(str(path))), False
+        except (OSError, ValueError) as err:
             raise ModelError(f"The model_index.json in {source} cannot be read ({err}); re-save the pipeline.") from err
-        raise ModelError(
-            f"The teacher {source!r} is not a local folder and could not be downloaded from the Hugging Face Hub "
-            "(offline, or no such repository); pass a local pipeline folder, or go online and check the id."
-        ) from err
+    return _hub_index(source)
+
+
+def _hub_index(source: str) -> tuple[dict, bool]:
+    """model_index.json of a hub id: from the hub if it answers a first request, else from the local cache only,
+    so that no network means one sentence in seconds, not huggingface_hub's retries."""
+    from diffusers import DiffusionPipeline
+
+    from distill.hub import unreachable
+
+    reason = unreachable()
+    try:
+        with warnings.catch_warnings():  # diffusers passes hf_hub_download an argument it deprecated: not the user's
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return dict(DiffusionPipeline.load_config(source, local_files_only=reason is not None)), reason is not None
+    except (OSError, ValueError) as err:
+        if reason:
+            raise ModelError(f"The teacher {source!r} is neither a local folder nor in the local cache, and the "
+                             f"Hugging Face Hub cannot be reached ({reason}): pass a local pipeline folder, or go "
+                             "online.") from err
+        raise ModelError(f"The teacher {source!r} is not a local folder and the Hugging Face Hub has no such "
+                         "repository (or it is private): check the id, or pass a local pipeline folder.") from err
 
 
 def _pipeline_class(name: str | None, source: str):

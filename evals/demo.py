@@ -31,6 +31,7 @@ def run_demo(steps: int, num_samples: int, out: str | Path, minutes: float | Non
     """Train `steps` steps (stopping early only if `minutes` run out), export, evaluate at `num_samples` images per
     row under `out`; returns the run folder."""
     from distill.export import export_run
+    from distill.preflight import check_train
 
     started = time.monotonic()
     overrides = [f"max_train_steps={steps}", f"max_train_minutes={'null' if minutes is None else minutes}",
@@ -38,6 +39,7 @@ def run_demo(steps: int, num_samples: int, out: str | Path, minutes: float | Non
                  "sample.every_steps=0", "resume_from_checkpoint=null"]
     _stage(1, f"distill train {DEMO_CONFIG} {' '.join(overrides)}")
     module, cfg = recipes.load(recipes.config_path(DEMO_CONFIG), overrides)
+    check_train(cfg)  # the teacher's text encoder, the output folder, the disk: before 4 minutes of training
     run_dir = Path(module.main(cfg))
     _stage(2, f"distill export {run_dir} --out {run_dir / 'lora'}")
     lora = export_run(run_dir, run_dir / "lora")

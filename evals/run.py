@@ -29,6 +29,7 @@ from evals.entries import add_models, assemble, row_entry
 from evals.generate import GRID_PROMPTS, Generated, encode_all, generate
 from evals.measure import Measure, floor_entry, judge_quality, quality
 from evals.plots import sample_grid_png
+from evals.preflight import check_eval
 from evals.progress import log
 from evals.reference import RealSet, choose_prompts, grid_images, load_real
 from evals.report import write
@@ -77,11 +78,11 @@ def run_eval(settings: EvalSettings) -> dict:
 
 
 def _prepare(settings: EvalSettings) -> tuple[str, object]:
-    """(device, torch dtype), after checking every student exists: fail before the long teacher generation."""
+    """(device, torch dtype), after every check that needs no image (`evals.preflight`): the report folder, the
+    teacher's files, each student's files and sampler: fail before the long teacher generation."""
     device = models.check_device(settings.device)
     dtype = models.parse_dtype(settings.dtype, device)
-    for source in settings.students:
-        models.check_student(source)
+    check_eval(settings)
     if settings.compile and device == "cpu":
         log("--compile on CPU: inductor compiles once per new batch shape (minutes); the timings leave warm-up out")
     return device, dtype
@@ -195,6 +196,8 @@ def evaluate_candidate(group, prompts, settings, measure, state, rows, grids, ti
     state["ref"]: the reference features; None with --reference none, when the first row (the teacher at
     its usual steps) becomes the reference.
     """
+    if not group:  # a student whose sampler takes none of --steps (refused up front; kept safe here)
+        return
     t0 = time.perf_counter()
     conds, text_ms = encode_all(group[0][0], prompts, settings.batch_size)
     _add(timings, "text_encode_s", time.perf_counter() - t0)
@@ -260,14 +263,14 @@ def _add(timings: dict, key: str, seconds: float) -> None:
 
 def guidance_from_students(settings: EvalSettings) -> float | None:
     """The teacher guidance the (first) student was distilled to imitate, from its student.json."""
-    from distill.info import INFO_FILE, StudentInfo
+    from distill.info import INFO_FILE, LORA_WEIGHTS, StudentInfo
 
     found = []
     for source in settings.students:
         path = Path(source)
         if (path / INFO_FILE).is_file():
             found.append(float(StudentInfo.load(path).teacher_guidance_scale))
-        elif path.is_dir() and not (path / "model_index.json").is_file():
+        elif path.is_dir() and not (path / "model_index.json").is_file() and not (path / LORA_WEIGHTS).is_file():
             from distill.runs import student_folder
 
             found.append(float(StudentInfo.load(student_folder(path)).teacher_guidance_scale))

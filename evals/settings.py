@@ -50,6 +50,7 @@ class EvalSettings:
     control: bool = True  # per student: the untrained teacher with the student's own sampler and guidance
     cascades: list[str] = field(default_factory=list)  # STUDENT@k+teacher@m:s[:g] rows (draft, then refine)
     student_sampler: str | None = None  # Class[:k=v]@g for students without student.json (a plain LoRA or pipeline)
+    overwrite: bool = False  # replace a report already in `out` (without it, such an `out` is refused)
 
     def check(self) -> None:
         """Raise ConfigError for settings no eval can run with."""
@@ -65,6 +66,7 @@ class EvalSettings:
             raise ConfigError("--price-per-gpu-hour must not be negative.")
         for spec in self.baselines + ([self.student_sampler] if self.student_sampler else []):
             parse_baseline(spec)
+        self._check_baseline_steps()
         from evals.cascade_rows import unmatched
 
         missing = unmatched(self.cascades, self.students)
@@ -75,6 +77,13 @@ class EvalSettings:
         if self.sweep_samples and self.sweep_samples < 16:
             raise ConfigError(f"--sweep-samples {self.sweep_samples} is too small to rank samplers: use 16 or more "
                               "(or 0 for the full N).")
+
+    def _check_baseline_steps(self) -> None:
+        """A sampler of the sweep with a fixed grid (LCMScheduler: N timesteps) can take --steps up to N only."""
+        from evals.specs import parse_sampler
+
+        for spec in self.baselines:
+            parse_sampler(spec).check_steps(self.steps, f"--baseline {spec}")
 
     def _check_judges(self) -> None:
         """Unknown or repeated judges are refused here, before any network is loaded or image generated."""

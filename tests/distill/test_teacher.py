@@ -312,7 +312,8 @@ def test_unsupported_pipeline_object():
 
 
 def test_hub_id_offline():
-    with pytest.raises(ModelError, match="'nobody/no-such-model' is not a local folder and could not be downloaded"):
+    with pytest.raises(ModelError, match="'nobody/no-such-model' is neither a local folder nor in the local cache, "
+                                         r"and the Hugging Face Hub cannot be reached \(HF_HUB_OFFLINE is set"):
         Teacher.from_pretrained("nobody/no-such-model")
 
 
