@@ -36,7 +36,8 @@ class _Group(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise  # --help, usage errors: click's own handling and exit codes
         except KeyboardInterrupt:
-            click.echo("interrupted: checkpoints already written are kept.", err=True)
+            click.echo("interrupted: complete checkpoints stay loadable (a half-written one is never used); go on "
+                       "with `distill train --resume <run folder>`.", err=True)
             sys.exit(130)
         except Exception as err:  # a bug in distill: say so, keep the details one flag away
             if ctx.obj and ctx.obj.get("debug"):
@@ -57,26 +58,51 @@ def main(ctx, debug):
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config")
+@click.argument("config", required=False)
 @click.argument("overrides", nargs=-1, type=click.UNPROCESSED)
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit.")
 @click.option("--report-to", "--report_to", "report_to", default=None,
               help="Where training logs go: tensorboard (default), wandb, ... (any accelerate tracker), all or none.")
-def train(config, overrides, dry_run, report_to):
+@click.option("--resume", "resume", default=None, metavar="RUN_DIR",
+              help="Go on with a stopped run from its newest complete checkpoint, with the config it was started with.")
+def train(config, overrides, dry_run, report_to, resume):
     """Run a recipe: distill train lcm/emoji_sd_lora max_train_steps=500
 
     CONFIG is a YAML path or `<recipe>/<model>` (see `distill ls`); OVERRIDES are key.sub=value.
+    Every run is a new numbered folder; `distill train --resume runs/003-lcm-emoji_sd_lora` goes on with one.
     """
     import yaml
 
     from distill.config import to_dict
 
-    overrides = list(overrides) + ([f"report_to={report_to}"] if report_to else [])
+    config, overrides = _train_inputs(config, list(overrides), resume)
+    overrides += [f"report_to={report_to}"] if report_to else []
     module, cfg = recipes.load(recipes.config_path(config), overrides)
     if dry_run:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
+    from distill.preflight import check_train
+
+    check_train(cfg)  # output folder, disk, device, teacher files, data: before a run folder or a model
     module.main(cfg)
+
+
+def _train_inputs(config: str | None, overrides: list[str], resume: str | None) -> tuple[str, list[str]]:
+    """(config, overrides) of `distill train`: with --resume, the run's own config.yaml unless a config is named."""
+    from distill.errors import ConfigError
+
+    if config and "=" in config and resume:  # `--resume RUN key=value`: click took the first override for CONFIG
+        config, overrides = None, [config, *overrides]
+    if resume is None:
+        if not config:
+            raise ConfigError("Name a config to train, e.g. `distill train lcm/emoji_sd_lora` (see `distill ls`), "
+                              "or a run to go on with: `distill train --resume runs/<NNN>-<name>`.")
+        return config, overrides
+    saved = Path(resume) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"--resume {resume}: no run folder with a config.yaml there; pass a folder under runs/ "
+                          "(see `ls runs`).")
+    return config or str(saved), [*overrides, f"resume_from_checkpoint={resume}"]
 
 
 @main.command()
@@ -219,6 +245,8 @@ def _name_list(value: str) -> list[str]:
           help="A draft-then-refine row: STUDENT@k+teacher@m:strength[:cfg], e.g. RUN@2+teacher@2:0.3 (repeatable).")
 @_setting("--student-sampler",
           help="Sampler of students without student.json (a plain LoRA or pipeline), e.g. LCMScheduler@1.")
+@_setting("--overwrite", is_flag=True,
+          help="Replace the report already in --out (without it, an --out holding a report is refused).")
 def eval_command(**options):
     """Quality and speed of teacher and students at 1-8 steps: distill eval --teacher checkpoints/emoji-sd --student runs/002-lcm-emoji_sd_lora --out outputs/eval
 

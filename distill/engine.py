@@ -27,9 +27,11 @@ from distill import runs
 from distill.budget import Budget
 from distill.checkpoint import load_module, save_module
 from distill.errors import ConfigError, TrainingStopped
+from distill.files import apply_umask
 from distill.device import device_name
 from distill.memory import peak_mb
 from distill.optim import lr_multiplier
+from distill.preemption import Preemption
 from distill.progress import Progress
 from distill.losslog import LossLog
 
@@ -42,12 +44,27 @@ class Run:
     dir: Path
     resume: Path | None  # the checkpoint (or run folder) to go on from; None for a new run
     device: torch.device
+    changes: list[str] = dataclasses.field(default_factory=list)  # settings a resume changed (allowed explicitly)
+    created: bool = False  # this session made the folder
+    trained: bool = False  # a training step has run in this session
 
     @property
     def is_main(self) -> bool:
         from accelerate import PartialState
 
         return PartialState().is_main_process
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        """A start that failed before any training step (a bad teacher path, a config the method refused) leaves no
+        numbered folder behind; anything a run has written stays."""
+        if kind is not None and self.created and not self.trained and self.is_main and self.dir.is_dir():
+            if not any(self.dir.rglob(runs.MARKER)) and not (self.dir / "student").exists():
+                import shutil
+
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -68,6 +85,7 @@ class Loop:
     sample_every: int = 0  # 0: no grids during training
     seed: int = 0
     report_to: str = "tensorboard"
+    on_nonfinite: str = "stop"  # "stop": a NaN/inf loss or gradient ends the run; "skip": no update, counted
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> Loop:
@@ -78,6 +96,7 @@ class Loop:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
             checkpointing_steps=cfg.checkpointing_steps, checkpoints_total_limit=cfg.checkpoints_total_limit,
             seed=cfg.seed, report_to=cfg.report_to, sample_every=sample.every_steps if sample else 0,
+            on_nonfinite=getattr(cfg, "on_nonfinite", "stop"),
         )
         if optim is not None:
             values.update(lr_schedule=optim.lr_schedule, lr_warmup_steps=optim.lr_warmup_steps,
@@ -98,16 +117,37 @@ def start_run(cfg) -> Run:
     check_report_to(cfg.report_to)
     set_seed(cfg.seed)
     state = PartialState()
-    paths = [None, None]
+    paths, changes, created = [None, None], [], False
     if state.is_main_process:
         run_dir, checkpoint = runs.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.run_name)
+        if run_dir is not None:
+            changes = _changes_allowed(cfg, run_dir)
+            runs.warn_incomplete(checkpoint.parent.parent if checkpoint else run_dir, checkpoint)
+        created = run_dir is None
         paths = [str(run_dir or runs.new_run_dir(cfg.output_dir, cfg.run_name)), checkpoint and str(checkpoint)]
     run_dir, checkpoint = broadcast_object_list(paths)
     if state.is_main_process:
         what = f"resuming {checkpoint}" if checkpoint else "new run"
         print(f"run folder: {run_dir} ({what}; config.yaml, logs/, samples/, checkpoints/, student/ and report.json "
               "will be there)", flush=True)
-    return Run(cfg, Path(run_dir), None if checkpoint is None else Path(checkpoint), state.device)
+    return Run(cfg, Path(run_dir), None if checkpoint is None else Path(checkpoint), state.device, changes, created)
+
+
+def _changes_allowed(cfg, run_dir: Path) -> list[str]:
+    """The training settings a resume changes; a ConfigError listing them unless `allow_config_change` is set."""
+    from distill.config import to_dict
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    import yaml
+
+    changes = runs.config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    if changes and not getattr(cfg, "allow_config_change", False):
+        raise ConfigError(f"Resuming {run_dir} with different training settings ({'; '.join(changes)}): start a new "
+                          "run (resume_from_checkpoint=null), or pass allow_config_change=true to go on with them "
+                          "(recorded beside the run's config.yaml, which stays as it is).")
+    return changes
 
 
 def check_report_to(value: str) -> None:
@@ -143,24 +183,35 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
     step, budget = _resume(accelerator, method, run, folder, loop)
     progress = Progress(stage or method.name, budget, accelerator, samples_per_step=_samples_per_step(accelerator, loop))
     _say_where(accelerator, run, folder)
-    losses, seconds, first_step = LossLog(), 0.0, step
-    while not _finished(accelerator, budget, step):
-        started = time.monotonic()
-        stepped, values = _iteration(accelerator, method, trainable, loop, budget, step)
-        seconds += time.monotonic() - started
-        method.after_step(step, stepped)
-        step += 1
-        scores = {k: v for k, v in values.items() if not k.startswith("grad_norm_")}  # norms: logged, not summarised
-        losses.add(scores)
-        _log(accelerator, method, stage, values, step)
-        _stop_if_failed(accelerator, method, folder, values, step)
-        progress.update(step, **scores)
-        _cadence(accelerator, method, run, folder, loop, budget, step)
-    progress.close()
-    _checkpoint(accelerator, method, folder, loop, budget, step)
-    report = _report(accelerator, loop, budget, step, first_step, seconds, losses)
+    if step >= loop.max_steps:
+        accelerator.print(f"nothing to train: {folder} already reached max_train_steps={loop.max_steps} (to train "
+                          "on, resume with a larger max_train_steps=... and allow_config_change=true)")
+    losses, seconds, first_step, skipped = LossLog(), 0.0, step, 0
+    with Preemption() as preempted:
+        while not _finished(accelerator, budget, step):
+            started = time.monotonic()
+            stepped, values = _iteration(accelerator, method, trainable, loop, budget, step)
+            seconds += time.monotonic() - started
+            run.trained = True
+            skip = _nonfinite(accelerator, method, folder, loop, values, step + 1)
+            skipped += skip
+            method.after_step(step, [] if skip else stepped)
+            step += 1
+            scores = {k: v for k, v in values.items() if not k.startswith(_NOT_SUMMARISED)}
+            if not skip:  # a skipped step's NaN would poison the summary
+                losses.add(scores)
+            _log(accelerator, method, stage, values, step)
+            _stop_if_failed(accelerator, method, folder, values, step)
+            progress.update(step, **scores)
+            if _agree(accelerator, preempted.signal is not None):
+                _stop_preempted(accelerator, method, run, folder, loop, budget, step, preempted.signal)
+            _cadence(accelerator, method, run, folder, loop, budget, step)
+        progress.close()
+        _checkpoint(accelerator, method, folder, loop, budget, step)
+    report = {**_report(accelerator, loop, budget, step, first_step, seconds, losses), "skipped_nonfinite": skipped}
     if accelerator.is_main_process:
         method.save_student(folder / "student", step)
+        apply_umask(folder / "student")
         (folder / "report.json").write_text(json.dumps(report, indent=2))
         method.finish(folder, step)
         accelerator.print(_closing_line(run, folder, step, budget))
@@ -170,55 +221,93 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
 
 
 def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step: int):
-    """One optimizer iteration: `gradient_accumulation_steps` micro-steps, then the selected optimizers step."""
+    """One optimizer iteration: `gradient_accumulation_steps` micro-steps, then the selected optimizers step. A
+    NaN/inf loss or gradient is reported as values["nonfinite"] and no optimizer steps on it."""
     names = method.optimizers_to_step(step)
-    accum, values = loop.gradient_accumulation_steps, {}
+    accum, values, bad = loop.gradient_accumulation_steps, {}, None
     for micro in range(accum):
         generator = step_generator(loop.seed, step * accum + micro, accelerator.process_index)
         batch = method.batch(generator)
         with accelerator.accumulate(*trainable):
-            _set_learning_rates(method, names, loop, budget, step)
+            _set_learning_rates(method, names, loop, step)
             out = method.step(batch, step, generator)
+            bad = bad or _nonfinite_loss(out)
             total = sum(v for v in out.values() if torch.is_tensor(v) and v.requires_grad)
-            if torch.is_tensor(total):
+            if torch.is_tensor(total):  # even a NaN one: every process must join the gradient all-reduce
                 accelerator.backward(total)
             for name in names:
-                norm = _clip_and_step(accelerator, method.optimizers[name], loop.max_grad_norm)
+                norm, bad = _clip_and_step(accelerator, method.optimizers[name], loop.max_grad_norm, name, bad)
                 if norm is not None:
                     out[f"grad_norm_{name}"] = norm
             for optimizer in method.optimizers.values():  # no gradient leaks into another phase's step
                 optimizer.zero_grad(set_to_none=True)
         for k, v in out.items():  # logged: the mean over the micro-steps
             values[k] = values.get(k, 0.0) + (float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)) / accum
+    if bad is not None:
+        values["nonfinite"] = bad
     return names, values
 
 
-def _clip_and_step(accelerator, optimizer, max_grad_norm: float | None):
-    """Clip (when asked) and step; returns the gradient norm before clipping, which is logged (None mid-accumulation)."""
+def _nonfinite_loss(out: dict) -> str | None:
+    for k, v in out.items():
+        value = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+        if not math.isfinite(value):
+            return f"the {k} loss is {value}"
+    return None
+
+
+def _clip_and_step(accelerator, optimizer, max_grad_norm: float | None, name: str, bad: str | None):
+    """Clip (when asked) and step unless this iteration already failed or the gradient is NaN/inf (under fp16 the
+    grad scaler handles an inf itself: it skips the step and lowers its scale). Returns (the norm before clipping,
+    which is logged, or None mid-accumulation; the failure, if any)."""
     norm = None
     if accelerator.sync_gradients:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = accelerator.clip_grad_norm_(params, max_grad_norm or float("inf"))
         norm = norm.detach() if torch.is_tensor(norm) else norm
-    optimizer.step()
-    return norm
+        if bad is None and norm is not None and not math.isfinite(float(norm)) and accelerator.scaler is None:
+            bad = f"the gradient of the {name} optimizer's parameters is {float(norm)}"
+        if _agree(accelerator, bad is not None) and bad is None:
+            bad = "a loss or gradient on another process is NaN/inf"
+    if bad is None:
+        optimizer.step()
+    return norm, bad
+
+
+_NOT_SUMMARISED = ("grad_norm_", "nonfinite")  # logged every step, not averaged into the loss summary
+
+
+def _nonfinite(accelerator, method, folder: Path, loop: Loop, values: dict, step: int) -> int:
+    """1 if this step met a NaN/inf loss or gradient and was skipped (on_nonfinite=skip); with "stop", the run ends
+    naming the step, the term and the last good checkpoint."""
+    what = values.pop("nonfinite", None)
+    if what is None:
+        return 0
+    if loop.on_nonfinite == "skip":
+        values["nonfinite_skipped"] = 1.0
+        accelerator.print(f"step {step}: {what}; the step was skipped (on_nonfinite=skip)")
+        return 1
+    _stop(accelerator, folder, step, f"{what} (on_nonfinite=skip would skip such steps)")
 
 
 def _stop_if_failed(accelerator, method, folder: Path, values: dict, step: int) -> None:
-    """Stop on a NaN/infinite loss or on the method's own `stop_reason`, in one sentence that names the step and the
-    last good checkpoint (nothing is written over it: the state now is the failed one)."""
-    bad = [k for k, v in values.items() if not math.isfinite(v) and not k.startswith("grad_norm_")]
-    reason = f"the {bad[0]} loss is {values[bad[0]]}" if bad else method.stop_reason(step, values)
-    if reason is None:
-        return
+    """Stop on the method's own `stop_reason`, in one sentence that names the step and the last good checkpoint."""
+    reason = method.stop_reason(step, values)
+    if reason is not None:
+        _stop(accelerator, folder, step, reason)
+
+
+def _stop(accelerator, folder: Path, step: int, reason: str) -> None:
+    """Nothing is written over the last good checkpoint: the state now is the failed one."""
     found = runs.list_checkpoints(folder)
     last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written before it"
     accelerator.end_training()
     raise TrainingStopped(f"Training stopped at step {step}: {reason}; {last}.")
 
 
-def _set_learning_rates(method, names: list[str], loop: Loop, budget: Budget, step: int) -> None:
-    scale = lr_multiplier(loop.lr_schedule, loop.lr_warmup_steps, budget.progress(step), step, loop.lr_floor)
+def _set_learning_rates(method, names: list[str], loop: Loop, step: int) -> None:
+    """The schedule runs over max_train_steps (diffusers' convention): a wall-clock stop cuts it, never reshapes it."""
+    scale = lr_multiplier(loop.lr_schedule, loop.lr_warmup_steps, min(1.0, step / loop.max_steps), step, loop.lr_floor)
     for name in names:
         for group in method.optimizers[name].param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -228,11 +317,25 @@ def _set_learning_rates(method, names: list[str], loop: Loop, budget: Budget, st
 def _finished(accelerator, budget: Budget, step: int) -> bool:
     """`budget.done(step)`, agreed by every process: their clocks differ a little, and one process leaving
     the loop alone would leave the others waiting in a gradient all-reduce."""
-    done = budget.done(step)
+    return _agree(accelerator, budget.done(step))
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any."""
     if accelerator.num_processes == 1:
-        return done
-    flag = torch.tensor([float(done)], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _stop_preempted(accelerator, method, run: Run, folder: Path, loop: Loop, budget: Budget, step: int,
+                    name: str | None) -> None:
+    """Checkpoint now and exit 0 with the command that goes on (a preempted job is not a failed one)."""
+    path = _checkpoint(accelerator, method, folder, loop, budget, step)
+    accelerator.print(f"stopped by {name or 'a signal on another process'} at step {step}: checkpoint {path}; go on "
+                      f"with: distill train --resume {run.dir}")
+    accelerator.end_training()
+    raise SystemExit(0)
 
 
 def _cadence(accelerator, method, run: Run, folder: Path, loop: Loop, budget: Budget, step: int) -> None:
@@ -304,8 +407,20 @@ def _resume(accelerator, method, run: Run, folder: Path, loop: Loop) -> tuple[in
         step, minutes = state["step"], state.get("minutes", 0.0)
         accelerator.print(f"resumed from {checkpoint} (step {step})")
     if accelerator.is_main_process:
-        runs.write_config(run.cfg, run.dir)
+        _record_config(run, step)
     return step, Budget(loop.max_steps, loop.max_minutes, elapsed_before=minutes, start_step=step)
+
+
+def _record_config(run: Run, step: int) -> None:
+    """config.yaml says what the run was started with and is never rewritten; a resume that changed settings (allowed
+    explicitly) writes its config and the list of changes beside it."""
+    if not (run.dir / "config.yaml").is_file():
+        runs.write_config(run.cfg, run.dir)
+    elif run.changes:
+        from distill.config import save_config
+
+        path = save_config(run.cfg, run.dir / f"config.resumed-at-step-{step}.yaml")
+        path.write_text("".join(f"# changed: {c}\n" for c in run.changes) + path.read_text())
 
 
 def _checkpoint_to_resume(run: Run, folder: Path) -> Path | None:
@@ -355,5 +470,9 @@ def _say_where(accelerator, run: Run, folder: Path) -> None:
 
 
 def _closing_line(run: Run, folder: Path, step: int, budget: Budget) -> str:
-    return (f"done: {step} steps, {budget.minutes():.1f} min  |  student: {folder / 'student'}  |  "
+    cut = ""
+    if step < budget.max_steps:
+        cut = (f" (max_train_minutes={budget.max_minutes} stopped it at step {step} of {budget.max_steps}: the "
+               "learning-rate schedule was cut there, not compressed)")
+    return (f"done: {step} steps, {budget.minutes():.1f} min{cut}  |  student: {folder / 'student'}  |  "
             f"report: {folder / 'report.json'}  |  checkpoints: {folder / 'checkpoints'}  |  logs: {run.dir / 'logs'}")

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from distill.errors import ConfigError, ModelError
+from distill.files import apply_umask
 from distill.info import LORA_WEIGHTS, StudentInfo
 from distill.runs import student_folder
 
@@ -44,6 +45,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path 
     info.training = info.training or numbers or None  # what making it cost travels with the export
     info.save(out)
     (out / "README.md").write_text(model_card(info, out, numbers))
+    apply_umask(out)
     return out
 
 

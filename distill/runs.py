@@ -3,21 +3,31 @@
 A run lives in `<output_dir>/<NNN>-<recipe>-<config>/` with `config.yaml` (the resolved config), `logs/`,
 `checkpoints/step-<N>/` and whatever the recipe writes; a run with stages has `<stage>/checkpoints/` instead.
 A checkpoint holds `modules/<name>/` (each named module in its natural format), accelerate's optimizer and RNG
-states, `student/` (the shippable student, where the method has one) and `trainer_state.json` (step, minutes).
+states, `student/` (the shippable student, where the method has one), `trainer_state.json` (step, minutes) and,
+written last, the marker `checkpoint.complete`: a checkpoint is written into `step-N.partial/`, fsynced, marked and
+renamed into place, and one without its marker is never loaded. A kill at any moment leaves the previous one good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from distill.errors import ConfigError, ModelError
+from distill.files import apply_umask
 from distill.info import INFO_FILE
 
 _RUN = re.compile(r"^(\d{3,})-(.+)$")
 _CKPT = re.compile(r"^step-(\d+)$")
+MARKER = "checkpoint.complete"  # written last: its presence means every other file of the checkpoint is on disk
+# Keys a resume may change without changing what is trained: where and how often things are written, threads, stops.
+RESUME_FREE_KEYS = ("resume_from_checkpoint", "allow_config_change", "max_train_minutes", "checkpointing_steps",
+                    "checkpoints_total_limit", "num_threads", "report_to", "output_dir", "sample.", "data.num_workers")
 
 
 def run_name(recipe: str, config_name: str) -> str:
@@ -35,22 +45,44 @@ def list_runs(output_dir: str | Path, name: str | None = None) -> list[Path]:
 
 
 def new_run_dir(output_dir: str | Path, name: str) -> Path:
-    """Create the next numbered folder, e.g. runs/003-lcm-emoji_sd_lora."""
+    """Create the next numbered folder, e.g. runs/003-lcm-emoji_sd_lora. The number is taken under a file lock, so
+    two runs started at once (any names) never share it."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in root.iterdir() if (m := _RUN.match(p.name))]
-    path = root / f"{max(numbers, default=0) + 1:03d}-{name}"
-    path.mkdir()
+    with _locked(root / ".run-numbers.lock"):
+        numbers = [int(m.group(1)) for p in root.iterdir() if (m := _RUN.match(p.name))]
+        path = root / f"{max(numbers, default=0) + 1:03d}-{name}"
+        path.mkdir()
     return path
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (with their marker) of one run or stage folder, oldest first."""
+    return [p for _, p in sorted(_step_folders(run_dir)) if (p / MARKER).is_file()]
+
+
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """step-N folders without the marker (written by an older distill, or damaged by hand): never loaded."""
+    return [p for _, p in sorted(_step_folders(run_dir)) if not (p / MARKER).is_file()]
+
+
+def _step_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name))
-             and (p / "trainer_state.json").is_file()]
-    return [p for _, p in sorted(found)]
+    return [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
 
 
 def all_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -87,8 +119,8 @@ def resolve_resume(spec: str | None, output_dir: str | Path, name: str) -> tuple
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict, total_limit: int | None,
                     write=None) -> Path:
-    """Write accelerate's state (and `write(folder)`'s files) + trainer_state.json into a partial folder, rename it
-    into place, then prune the oldest beyond the limit."""
+    """Write accelerate's state (and `write(folder)`'s files) + trainer_state.json into `step-N.partial/`, fsync it,
+    mark it complete, rename it into place; only then prune the oldest complete ones beyond the limit."""
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     partial = final.with_name(final.name + ".partial")
     if accelerator.is_main_process:
@@ -99,13 +131,70 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict, to
         if write is not None:
             write(partial)
         (partial / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
+        apply_umask(partial)
+        _fsync_tree(partial)
+        _write_synced(partial / MARKER, f"step {step}\n")
+        if final.exists():  # a re-save of the same step: set the old one aside, never delete it before the new is in
+            final.rename(final.with_name(final.name + ".old"))
         partial.rename(final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(final.with_name(final.name + ".old"), ignore_errors=True)
         if total_limit:
             for old in list_checkpoints(run_dir)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def warn_incomplete(run_dir: str | Path, chosen: Path | None) -> None:
+    """A warning that names each unmarked checkpoint newer than the one a resume will use."""
+    newest = int(_CKPT.match(chosen.name).group(1)) if chosen is not None else -1
+    for path in incomplete_checkpoints(run_dir):
+        if int(_CKPT.match(path.name).group(1)) > newest:
+            warnings.warn(f"{path} has no {MARKER} marker (a save that did not finish): it is skipped; resuming from "
+                          f"{chosen or 'the start'} instead.", stacklevel=2)
+
+
+def config_changes(saved: dict, now: dict) -> list[str]:
+    """`key: old -> new` for every training setting that differs between a run's config and the one resuming it."""
+    old, new = _flatten(saved), _flatten(now)
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE_KEYS)]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def write_config(cfg, run_dir: str | Path) -> Path:

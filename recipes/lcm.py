@@ -260,9 +260,9 @@ class LatentConsistencyDistillation(Method):
 def main(cfg: LcmConfig) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    run = engine.start_run(cfg)
-    method = LatentConsistencyDistillation(cfg, run.device)
-    engine.fit(run, method, engine.Loop.from_config(cfg))
+    with engine.start_run(cfg) as run:  # a start that fails before training leaves no empty run folder
+        method = LatentConsistencyDistillation(cfg, run.device)
+        engine.fit(run, method, engine.Loop.from_config(cfg))
     return run.dir
 
 

@@ -292,7 +292,11 @@ def assemble(cfg: TeacherConfig, vae, unet, text_encoder, tokenizer) -> StableDi
 def main(cfg: TeacherConfig) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    run = engine.start_run(cfg)
+    with engine.start_run(cfg) as run:  # a start that fails before training leaves no empty run folder
+        return _train(cfg, run)
+
+
+def _train(cfg: TeacherConfig, run) -> Path:
     images, captions = load_images(cfg.data)
     report = {"images": len(images), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 

@@ -6,6 +6,7 @@ every module / optimizer / RNG state survives a checkpoint, and a resumed run eq
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(t
 
     torch.manual_seed(0)
     run = engine.start_run(_cfg(tmp_path))
-    with pytest.raises(TrainingStopped, match=r"step 5: the critic loss is nan; the last good checkpoint is .*step-0000004"):
+    with pytest.raises(TrainingStopped, match=r"step 5: the critic loss is nan .*on_nonfinite=skip.*; the last good checkpoint is .*step-0000004"):
         engine.fit(run, NanAt(4), _loop(8))
     assert [c.name for c in list_checkpoints(run.dir)] == ["step-0000002", "step-0000004"]  # nothing written after
 
@@ -206,3 +207,140 @@ def test_gradient_norms_are_logged_per_optimizer_but_not_summarised_as_losses(tm
     assert logged[0]["grad_norm_critic"] > 0 and "grad_norm_generator" not in logged[0]  # it did not step then
     assert "grad_norm_generator" in logged[1]  # (zero here: the toy's two losses cancel in the generator)
     assert not any(k.startswith("grad_norm") for k in report["losses"])
+
+
+def test_on_nonfinite_skip_skips_the_step_counts_it_and_goes_on(tmp_path):
+    torch.manual_seed(0)
+    method = NanAt(4)
+    report = engine.fit(engine.start_run(_cfg(tmp_path)), method, _loop(8, on_nonfinite="skip"))
+    assert report["steps"] == 8 and report["skipped_nonfinite"] == 1
+    assert math.isfinite(report["losses"]["critic"]["first_50"])
+    assert method.optimizers["critic"].optimizer.state[method.critic.weight]["step"] == 7  # 8 iterations, one skipped
+    assert all(torch.isfinite(p).all() for p in method.critic.parameters())
+
+
+class InfGradientAt(ToyGan):
+    """At iteration `at` the critic's loss stays finite (0 added) but its gradient is inf (d sqrt(x)/dx at 0)."""
+
+    def __init__(self, at):
+        super().__init__(dropout=0.0)
+        self.at = at
+
+    def step(self, batch, iteration, generator):
+        out = super().step(batch, iteration, generator)
+        if iteration == self.at:
+            w = self.critic.weight.sum()
+            out["critic"] = out["critic"] + (w - w.detach()).clamp(min=0).sqrt()
+        return out
+
+
+def test_an_infinite_gradient_with_a_finite_loss_stops_the_run_naming_the_optimizer(tmp_path):
+    from distill.errors import TrainingStopped
+
+    torch.manual_seed(0)
+    run = engine.start_run(_cfg(tmp_path))
+    method = InfGradientAt(2)
+    before = _tensors(method.critic)
+    with pytest.raises(TrainingStopped, match=r"step 3: the gradient of the critic optimizer's parameters is (inf|nan)"):
+        engine.fit(run, method, _loop(8, checkpointing_steps=0))
+    assert all(torch.isfinite(v).all() for v in _tensors(method.critic).values())  # the bad update never happened
+    assert any(not torch.equal(before[k], v) for k, v in _tensors(method.critic).items())  # the good ones did
+
+
+def test_the_learning_rate_schedule_follows_steps_and_a_time_limit_only_cuts_it(tmp_path, monkeypatch, capsys):
+    logged = []
+    monkeypatch.setattr(engine, "_log", lambda acc, method, stage, values, step: logged.append(
+        method.optimizers["critic"].param_groups[0]["lr"]))
+    torch.manual_seed(0)
+    run = engine.start_run(_cfg(tmp_path))
+    loop = _loop(100, checkpointing_steps=0, lr_schedule="cosine", max_minutes=0.002)  # 0.12 s: a few 50 ms steps
+    report = engine.fit(run, Sleepy(), loop)
+    n = report["steps"]
+    assert 1 <= n < 100
+    # by steps: step k of a 100-step cosine, whatever the clock says (by time the rate would be near its floor)
+    assert logged == [pytest.approx(1e-2 * optim.lr_multiplier("cosine", 0, k / 100, k)) for k in range(n)]
+    assert f"stopped it at step {n} of 100: the learning-rate schedule was cut" in capsys.readouterr().out
+
+
+class Sleepy(ToyGan):
+    def step(self, batch, iteration, generator):
+        import time
+
+        time.sleep(0.05)
+        return super().step(batch, iteration, generator)
+
+
+class SignalAt(ToyGan):
+    """Sends itself `signals` (e.g. SIGTERM) during iteration `at`, as a scheduler reclaiming the machine would."""
+
+    def __init__(self, at, *signals):
+        super().__init__(dropout=0.0)
+        self.at, self.signals = at, signals
+
+    def step(self, batch, iteration, generator):
+        import os
+
+        if iteration == self.at:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)
+        return super().step(batch, iteration, generator)
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_exits_0_and_the_resume_equals_a_straight_run(tmp_path, capsys):
+    import signal
+
+    straight_run = engine.start_run(_cfg(tmp_path / "a"))  # seeds the global RNG: models are built after it
+    straight = ToyGan(dropout=0.0)
+    engine.fit(straight_run, straight, _loop(6, checkpointing_steps=0))
+    run = engine.start_run(_cfg(tmp_path / "b"))
+    with pytest.raises(SystemExit) as stopped:
+        engine.fit(run, SignalAt(2, signal.SIGTERM), _loop(6, checkpointing_steps=0))
+    assert stopped.value.code == 0
+    assert [c.name for c in list_checkpoints(run.dir)] == ["step-0000003"]  # the step under way finished first
+    assert f"distill train --resume {run.dir}" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    torch.manual_seed(0)
+    _, resumed, _ = _train(tmp_path / "b", 6, method=ToyGan(dropout=0.0), resume_from_checkpoint=str(run.dir))
+    for name in ("generator", "critic", "ema"):
+        a, b = straight.modules[name].state_dict(), resumed.modules[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_second_sigint_stops_at_once_and_leaves_the_last_checkpoint_loadable(tmp_path):
+    import signal
+
+    torch.manual_seed(0)
+    run = engine.start_run(_cfg(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(run, SignalAt(3, signal.SIGINT, signal.SIGINT), _loop(8))
+    assert [c.name for c in list_checkpoints(run.dir)] == ["step-0000002"]
+    assert not list((run.dir / "checkpoints").glob("*.partial"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_resume_with_other_training_settings_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    torch.manual_seed(0)
+    run_dir, _, _ = _train(tmp_path, 2)
+    original = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"learning_rate: 0.0001 -> 0.001.*allow_config_change=true"):
+        _train(tmp_path, 4, resume_from_checkpoint=str(run_dir), learning_rate=1e-3)
+    _train(tmp_path, 4, resume_from_checkpoint=str(run_dir), checkpointing_steps=7)  # where/when to write: free
+    _train(tmp_path, 4, resume_from_checkpoint=str(run_dir), learning_rate=1e-3, allow_config_change=True)
+    assert (run_dir / "config.yaml").read_text() == original  # what the run was started with, never rewritten
+    recorded = (run_dir / "config.resumed-at-step-4.yaml").read_text()
+    assert recorded.startswith("# changed: learning_rate: 0.0001 -> 0.001") and "learning_rate: 0.001" in recorded
+
+
+def test_a_start_that_fails_before_training_leaves_no_run_folder(tmp_path):
+    from distill.errors import ModelError
+
+    with pytest.raises(ModelError):
+        with engine.start_run(_cfg(tmp_path)) as run:
+            assert run.dir.is_dir()
+            raise ModelError("the teacher is not there")
+    assert not run.dir.exists()
+    torch.manual_seed(0)
+    with pytest.raises(Exception):
+        with engine.start_run(_cfg(tmp_path)) as run:
+            engine.fit(run, NanAt(1), _loop(8))  # trained a step, then failed: its logs and folder stay
+    assert run.dir.is_dir()

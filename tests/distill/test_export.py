@@ -20,7 +20,7 @@ from distill.consistency import lcm_sampler
 from distill.export import export_run
 from distill.images import label_margins
 from distill.info import LORA_WEIGHTS, StudentInfo
-from distill.runs import student_folder
+from distill.runs import MARKER, student_folder
 from distill.sampling import lcm_sample, load_student_pipeline, sample_grid
 from distill.student import FullStudent, LoraStudent
 from distill.teacher import Teacher
@@ -122,6 +122,7 @@ def test_export_from_a_checkpoint_and_the_errors(tiny_sd_path, tmp_path):
     ckpt = run / "checkpoints" / "step-0000005"
     (ckpt / "student").mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text('{"step": 5}')
+    (ckpt / MARKER).write_text("step 5\n")  # a complete checkpoint, as distill.runs marks one
     for name in (LORA_WEIGHTS, "student.json"):
         (ckpt / "student" / name).write_bytes((run / "student" / name).read_bytes())
     assert student_folder(run) == run / "student"

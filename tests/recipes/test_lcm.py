@@ -70,7 +70,7 @@ def test_full_run_on_tiny_sd_v_exports_a_pipeline(tiny_sd_v_path, tmp_path):
     report = _report(run)
     assert report["steps"] == 4 and math.isfinite(report["loss_last_50"])  # 4 optimizer steps of 2 micro-batches
     # Throughput and memory for the table: 2 micro-batches of 4 per step; the teacher alone is ~MBs.
-    assert report["samples_per_second"] == pytest.approx(8 * report["steps_per_second"], rel=0.02)
+    assert report["samples_per_second"] == pytest.approx(8 * report["steps_per_second"], rel=0.02, abs=0.05)
     assert report["peak_memory_kind"] == "process_peak_rss" and report["peak_memory_mb"] > 100
     assert (run / "student" / "unet" / "config.json").is_file() and (run / "config.yaml").is_file()
     assert [c.name for c in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
@@ -112,7 +112,7 @@ def test_lora_run_exports_adapters_that_diffusers_loads(request, tmp_path, fixtu
 def test_resume_continues_the_step_count_and_repeats_the_uninterrupted_run(tiny_sd_path, tmp_path):
     first = main(_cfg(tmp_path, tiny_sd_path, "full", sample=dict(every_steps=0)))
     resumed = main(_cfg(tmp_path, tiny_sd_path, "full", max_train_steps=6, resume_from_checkpoint="latest",
-                        sample=dict(every_steps=0)))
+                        allow_config_change=True, sample=dict(every_steps=0)))  # a longer budget, said explicitly
     assert resumed == first  # same run folder
     assert _report(resumed)["steps"] == 6 and _report(resumed)["steps_this_session"] == 2
     assert read_state(list_checkpoints(resumed)[-1])["step"] == 6
@@ -139,7 +139,7 @@ def test_lora_with_adapter_ema_resumes_both_weight_sets_and_ships_the_average(ti
     lora = dict(lora_rank=4, ema_decay=0.5)
     first = main(_cfg(tmp_path, tiny_sd_path, "lora", student=lora, sample=dict(every_steps=0)))
     resumed = main(_cfg(tmp_path, tiny_sd_path, "lora", student=lora, max_train_steps=6,
-                        resume_from_checkpoint="latest", sample=dict(every_steps=0)))
+                        resume_from_checkpoint="latest", allow_config_change=True, sample=dict(every_steps=0)))
     straight = main(_cfg(tmp_path / "other", tiny_sd_path, "lora", student=lora, max_train_steps=6,
                          sample=dict(every_steps=0)))
     assert resumed == first and _report(resumed)["steps_this_session"] == 2
@@ -157,18 +157,19 @@ def test_lora_with_adapter_ema_resumes_both_weight_sets_and_ships_the_average(ti
 def test_resuming_a_checkpoint_of_another_student_is_a_config_error(tiny_sd_path, tiny_sd_bert_path, tmp_path):
     run = main(_cfg(tmp_path, tiny_sd_path, "lora", max_train_steps=1, sample=dict(every_steps=0)))
     config = (run / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match="student of"):
+    with pytest.raises(ConfigError, match=r"different training settings .*teacher: "):  # the engine's refusal
         main(_cfg(tmp_path, tiny_sd_bert_path, "lora", resume_from_checkpoint="latest", sample=dict(every_steps=0)))
+    # allowed explicitly, a change the checkpoint cannot take is still refused, by the recipe, naming it
+    forced = dict(resume_from_checkpoint="latest", allow_config_change=True, sample=dict(every_steps=0))
+    with pytest.raises(ConfigError, match="student of"):
+        main(_cfg(tmp_path, tiny_sd_bert_path, "lora", **forced))
     assert (run / "config.yaml").read_text() == config  # the failed resume left the run as it was
     with pytest.raises(ConfigError, match="num_ddim_timesteps=50"):
-        main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", lcd=dict(num_ddim_timesteps=10),
-                  sample=dict(every_steps=0)))
+        main(_cfg(tmp_path, tiny_sd_path, "lora", lcd=dict(num_ddim_timesteps=10), **forced))
     with pytest.raises(ConfigError, match="with an EMA of the adapters"):
-        main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", student=dict(ema_decay=None),
-                  sample=dict(every_steps=0)))
+        main(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=None), **forced))
     with pytest.raises(ConfigError, match="lora_rank"):
-        main(_cfg(tmp_path, tiny_sd_path, "lora", resume_from_checkpoint="latest", student=dict(lora_rank=8),
-                  sample=dict(every_steps=0)))
+        main(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(lora_rank=8), **forced))
 
 
 def test_time_budget_ends_the_run_cleanly(tiny_sd_path, tmp_path):
