@@ -82,6 +82,7 @@ class DiscriminatorConfig:
 class AdversarialConfig:
     variant: Literal["add", "ladd"] = "add"
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # ADD's T_student
+    student_timestep_weights: list[float] | None = None  # how often each student timestep is drawn; None: uniform
     lambda_distill: float = 2.5  # lambda of the distillation term; 0: adversarial only (LADD's default)
     distill_weighting: Literal["alpha", "uniform"] = "alpha"  # c(t) = alpha_t (ADD) or 1
     teacher_guidance_scale: float = 3.0  # CFG of the teacher's x0 in the distillation term
@@ -119,12 +120,25 @@ def student_grid(timesteps: list[int], num_train_timesteps: int) -> int:
                       f"visit, e.g. [999, 749, 499, 249] (4) or [999, 499] (2).")
 
 
+def student_timestep_probs(a: AdversarialConfig) -> torch.Tensor | None:
+    """Probabilities of the student timesteps, ordered as the descending grid (999 first); None when uniform."""
+    if a.student_timestep_weights is None:
+        return None
+    pairs = sorted(zip(a.student_timesteps, a.student_timestep_weights), reverse=True)
+    w = torch.tensor([float(x) for _, x in pairs])
+    return w / w.sum()
+
+
 def check(cfg: AddRecipeConfig, teacher: Teacher) -> None:
     a, d = cfg.add, cfg.discriminator
     if teacher.kind not in ("sd", "sdxl"):
         raise ConfigError(f"The add recipe needs a text-conditioned SD or SDXL teacher; {cfg.teacher} is a "
                           f"{teacher.kind} pipeline.")
     student_grid(a.student_timesteps, teacher.num_train_timesteps)
+    w = a.student_timestep_weights
+    if w is not None and (len(w) != len(a.student_timesteps) or min(w) < 0 or sum(w) <= 0):
+        raise ConfigError(f"add.student_timestep_weights={w} needs one non-negative weight per student timestep "
+                          f"({len(a.student_timesteps)}), not all zero, e.g. [2, 1, 1, 1].")
     if not 0 <= a.teacher_t_min <= a.teacher_t_max < teacher.num_train_timesteps:
         raise ConfigError(f"add.teacher_t_min={a.teacher_t_min} and add.teacher_t_max={a.teacher_t_max} must satisfy "
                           f"0 <= t_min <= t_max < {teacher.num_train_timesteps}.")
@@ -152,6 +166,7 @@ class AdversarialDistillation(Method):
         check(cfg, self.teacher)
         self.ladd = cfg.add.variant == "ladd"
         self.student_t = torch.tensor(sorted(cfg.add.student_timesteps, reverse=True))
+        self.student_p = student_timestep_probs(cfg.add)
         self._build_student(cfg.student)
         self._build_discriminator(cfg.discriminator, device)
         self.optimizers["student"] = optim.from_config(self.online.trainable_parameters(), cfg.learning_rate,
@@ -203,8 +218,12 @@ class AdversarialDistillation(Method):
         x0, c = batch
         device, b = x0.device, len(x0)
         stepping = self.optimizers_to_step(iteration)
-        # 1. Student timestep s ~ U(T_student) and x_s = alpha_s x0 + sigma_s eps.
-        s = self.student_t[torch.randint(len(self.student_t), (b,), generator=generator)].to(device)
+        # 1. Student timestep s ~ U(T_student) (or the configured weights) and x_s = alpha_s x0 + sigma_s eps.
+        if self.student_p is None:
+            i = torch.randint(len(self.student_t), (b,), generator=generator)
+        else:
+            i = torch.multinomial(self.student_p, b, replacement=True, generator=generator)
+        s = self.student_t[i].to(device)
         x_s = teacher.add_noise(x0, torch.randn(x0.shape, generator=generator).to(device), s)
         # 2. The student's one-step sample x_hat_theta = x0 prediction at (x_s, s).
         with torch.set_grad_enabled("student" in stepping), self.autocast():
@@ -312,7 +331,8 @@ class AdversarialDistillation(Method):
             method=a.variant, step=step, feature_network=self.feature_network,
             sampler=lcm_sampler(n, 10.0, teacher.prediction_type, cfg.sample.guidance_scale or 1.0,
                                 steps=[k for k in (1, 2, 4, 8) if k <= n]),
-            details=dict(student_timesteps=sorted(a.student_timesteps, reverse=True), lambda_distill=a.lambda_distill,
+            details=dict(student_timesteps=sorted(a.student_timesteps, reverse=True),
+                         student_timestep_weights=a.student_timestep_weights, lambda_distill=a.lambda_distill,
                          discriminator=self.feature_network, r1_gamma=cfg.discriminator.r1_gamma),
         )
 
@@ -368,9 +388,9 @@ def main(cfg: AddRecipeConfig) -> Path:
         torch.set_num_threads(cfg.num_threads)
     if cfg.add.variant == "add":
         check_backbone(cfg.discriminator.feature_network)  # before a run folder exists
-    run = engine.start_run(cfg)
-    method = AdversarialDistillation(cfg, run.device)
-    engine.fit(run, method, engine.Loop.from_config(cfg))
+    with engine.start_run(cfg) as run:  # a start that fails before training leaves no empty run folder
+        method = AdversarialDistillation(cfg, run.device)
+        engine.fit(run, method, engine.Loop.from_config(cfg))
     return run.dir
 
 

@@ -72,6 +72,14 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
     with pytest.raises(ConfigError, match="unet2d"):
         add.check(_cfg(tmp_path, tiny_unet2d_path), Teacher.from_pretrained(tiny_unet2d_path))
     assert add.student_grid([999, 749, 499, 249], 1000) == 4 and add.student_grid([999, 499], 1000) == 2
+    with pytest.raises(ConfigError, match="student_timestep_weights"):
+        add.check(_cfg(tmp_path, tiny_sd_path, add=dict(student_timestep_weights=[1, 1])), teacher)
+
+
+def test_student_timestep_weights_follow_their_timesteps_whatever_the_order():
+    a = add.AdversarialConfig(student_timesteps=[249, 999], student_timestep_weights=[1, 3])
+    assert add.student_timestep_probs(a).tolist() == [0.75, 0.25]  # ordered as the grid: 999 first
+    assert add.student_timestep_probs(add.AdversarialConfig()) is None  # uniform: ADD's draw
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -155,7 +163,8 @@ def test_lora_ladd_run_exports_adapters_that_diffusers_loads(tiny_sd_path, tmp_p
 
 def test_resumed_add_run_equals_the_uninterrupted_one(tiny_sd_path, tmp_path):
     first = main(_cfg(tmp_path, tiny_sd_path))
-    resumed = main(_cfg(tmp_path, tiny_sd_path, max_train_steps=6, resume_from_checkpoint="latest"))
+    resumed = main(_cfg(tmp_path, tiny_sd_path, max_train_steps=6, resume_from_checkpoint="latest",
+                        allow_config_change=True))  # a longer budget, said explicitly
     assert resumed == first and _report(resumed)["steps_this_session"] == 2
     straight = main(_cfg(tmp_path / "other", tiny_sd_path, max_train_steps=6))
     for weights in ("student/unet/diffusion_pytorch_model.safetensors", "discriminator/model.safetensors"):
@@ -164,7 +173,7 @@ def test_resumed_add_run_equals_the_uninterrupted_one(tiny_sd_path, tmp_path):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="ladd"):  # a checkpoint of the other variant is not continued
         main(_cfg(tmp_path, tiny_sd_path, variant="ladd", run_name="t-add-full", max_train_steps=8,
-                  resume_from_checkpoint="latest"))
+                  resume_from_checkpoint="latest", allow_config_change=True))
 
 
 def test_a_discriminator_that_wins_outright_stops_the_run_with_the_last_checkpoint(tiny_sd_path, tmp_path):
