@@ -28,7 +28,7 @@ from distill.budget import Budget
 from distill.checkpoint import load_module, save_module
 from distill.errors import ConfigError, TrainingStopped
 from distill.files import apply_umask
-from distill.device import device_name
+from distill.device import device_name, process_state, use_cpu
 from distill.memory import peak_mb
 from distill.optim import lr_multiplier
 from distill.preemption import Preemption
@@ -50,9 +50,7 @@ class Run:
 
     @property
     def is_main(self) -> bool:
-        from accelerate import PartialState
-
-        return PartialState().is_main_process
+        return process_state().is_main_process
 
     def __enter__(self) -> Run:
         return self
@@ -111,12 +109,11 @@ def start_run(cfg) -> Run:
     Initial weights drawn from the global generator (LoRA's A, new layers) follow the seed. The main process picks
     the folder; the others are told its path. The config is written once the first stage has loaded its checkpoint.
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, set_seed
 
     check_report_to(cfg.report_to)
     set_seed(cfg.seed)
-    state = PartialState()
+    state = process_state()
     paths, changes, created = [None, None], [], False
     if state.is_main_process:
         run_dir, checkpoint = runs.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.run_name)
@@ -168,10 +165,16 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def step_generator(seed: int, step: int, process_index: int = 0) -> torch.Generator:
-    """A CPU generator for one training micro-step: draws depend on (seed, step, process) only, so a resumed
-    run repeats an uninterrupted one and processes draw different batches."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process_index)
+def step_generator(seed: int, micro_batch: int) -> torch.Generator:
+    """A CPU generator for one micro-batch of the whole job, numbered across processes and accumulation steps
+    (`micro_batch_index`): draws depend on (seed, that number) only, so a resumed run repeats an uninterrupted one,
+    processes draw different batches, and P processes draw exactly what one process with P-fold accumulation does."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_batch)
+
+
+def micro_batch_index(step: int, micro: int, accum: int, process: int, processes: int) -> int:
+    """Micro-batch `micro` of iteration `step` on `process`: (step * accum + micro) * processes + process."""
+    return (step * accum + micro) * processes + process
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -226,7 +229,8 @@ def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step:
     names = method.optimizers_to_step(step)
     accum, values, bad = loop.gradient_accumulation_steps, {}, None
     for micro in range(accum):
-        generator = step_generator(loop.seed, step * accum + micro, accelerator.process_index)
+        index = micro_batch_index(step, micro, accum, accelerator.process_index, accelerator.num_processes)
+        generator = step_generator(loop.seed, index)
         batch = method.batch(generator)
         with accelerator.accumulate(*trainable):
             _set_learning_rates(method, names, loop, step)
@@ -359,7 +363,8 @@ def _accelerator(run: Run, loop: Loop):
     from accelerate import Accelerator
 
     trackers = None if loop.report_to == "none" else loop.report_to
-    accelerator = Accelerator(mixed_precision=loop.mixed_precision, log_with=trackers, project_dir=str(run.dir),
+    accelerator = Accelerator(cpu=use_cpu(), mixed_precision=loop.mixed_precision, log_with=trackers,
+                              project_dir=str(run.dir),
                               gradient_accumulation_steps=loop.gradient_accumulation_steps)
     if trackers:
         accelerator.init_trackers("logs")

@@ -81,9 +81,9 @@ def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = T
 
 def _shard(loader):
     """accelerate's per-process view of the loader, with batches on this process's device."""
-    from accelerate import PartialState
+    from distill.device import process_state
     from accelerate.data_loader import prepare_data_loader
 
-    state = PartialState()
+    state = process_state()
     return prepare_data_loader(loader, state.device, num_processes=state.num_processes,
                                process_index=state.process_index, put_on_device=True)

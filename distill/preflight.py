@@ -51,9 +51,9 @@ def check_free_space(folder: str | Path, need_mb: float, what: str, why: str) ->
 
 def check_precision(mixed_precision: str) -> None:
     """fp16 mixed precision is for GPUs: on a CPU half-precision matmuls crawl and fp16 gradients need a scaler."""
-    from accelerate import PartialState
+    from distill.device import process_state
 
-    device = PartialState().device
+    device = process_state().device
     if mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision=fp16 needs a GPU, and this run would train on the CPU: use "
                           "mixed_precision=bf16 or no.")

@@ -159,8 +159,12 @@ def test_ema_update_schedule_and_step_generators():
     assert optim.lr_multiplier("cosine", 0, 1.0, 50, floor=0.05) == pytest.approx(0.05)
     a, b = engine.step_generator(0, 5), engine.step_generator(0, 5)
     assert torch.equal(torch.rand(3, generator=a), torch.rand(3, generator=b))
-    assert not torch.equal(torch.rand(3, generator=engine.step_generator(0, 5, 1)),
-                           torch.rand(3, generator=engine.step_generator(0, 5, 0)))
+    assert not torch.equal(torch.rand(3, generator=engine.step_generator(0, 5)),
+                           torch.rand(3, generator=engine.step_generator(0, 6)))
+    # 2 processes without accumulation draw the micro-batches of 1 process accumulating 2, and no two coincide
+    two_procs = [engine.micro_batch_index(s, 0, 1, p, 2) for s in range(3) for p in range(2)]
+    one_proc = [engine.micro_batch_index(s, m, 2, 0, 1) for s in range(3) for m in range(2)]
+    assert two_procs == one_proc == list(range(6))
 
 
 def test_eta_names_the_binding_budget(monkeypatch):
