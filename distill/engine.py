@@ -205,7 +205,7 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
                 losses.add(scores)
             _log(accelerator, method, stage, values, step)
             _stop_if_failed(accelerator, method, folder, values, step)
-            progress.update(step, **scores)
+            progress.update(step, **{k: v for k, v in scores.items() if "/" not in k})  # groups: logs only
             if _agree(accelerator, preempted.signal is not None):
                 _stop_preempted(accelerator, method, run, folder, loop, budget, step, preempted.signal)
             _cadence(accelerator, method, run, folder, loop, budget, step)
@@ -245,8 +245,11 @@ def _iteration(accelerator, method, trainable, loop: Loop, budget: Budget, step:
                     out[f"grad_norm_{name}"] = norm
             for optimizer in method.optimizers.values():  # no gradient leaks into another phase's step
                 optimizer.zero_grad(set_to_none=True)
-        for k, v in out.items():  # logged: the mean over the micro-steps
-            values[k] = values.get(k, 0.0) + (float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)) / accum
+        for k, v in out.items():  # logged: the mean over the micro-steps that reported it
+            value = float(v.detach().float().mean()) if torch.is_tensor(v) else float(v)
+            total, count = values.get(k, (0.0, 0))
+            values[k] = (total + value, count + 1)
+    values = {k: total / count for k, (total, count) in values.items()}
     if bad is not None:
         values["nonfinite"] = bad
     return names, values

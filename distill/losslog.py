@@ -29,3 +29,13 @@ class LossLog:
         main = "loss" if "loss" in per_name else next(iter(per_name), None)
         top = {f"loss_{k}": v for k, v in per_name[main].items()} if main else {}
         return {**top, "losses": per_name}
+
+
+def group_means(values, groups, names: dict[int, str]) -> dict:
+    """Mean of per-sample `values` [B] within each group id in `groups` [B] present in the batch, keyed by
+    `names[id]`: e.g. the consistency loss of each interval, so a user sees which part of t still moves."""
+    out = {}
+    for g in groups.unique().tolist():
+        mask = groups == g
+        out[names[g]] = values[mask.to(values.device)].mean()
+    return out

@@ -45,6 +45,7 @@ from distill.images import save_grid
 from distill.info import INFO_FILE, StudentInfo
 from distill.latents import latent_batches
 from distill.losses import l2, pseudo_huber
+from distill.losslog import group_means
 from distill.method import Method
 from distill.sampling import sample_grid, student_rows
 from distill.student import LCM_LORA_TARGETS, FullStudent, LoraStudent
@@ -120,6 +121,8 @@ class LatentConsistencyDistillation(Method):
                                                device=device)
         check(cfg, self.teacher)
         self.solver = DDIMSolver(self.teacher.schedule, cfg.lcd.num_ddim_timesteps)
+        width = len(str(self.teacher.num_train_timesteps - 1))
+        self.interval_names = {n: f"interval/t{int(t):0{width}d}" for n, t in enumerate(self.solver.timesteps.tolist())}
         self.scalings = dict(sigma_data=cfg.lcd.sigma_data, timestep_scaling=cfg.lcd.timestep_scaling)
         self.distance = functools.partial(pseudo_huber, c=cfg.lcd.huber_c) if cfg.lcd.loss == "huber" else l2
         self._build_student(cfg.student)
@@ -182,7 +185,9 @@ class LatentConsistencyDistillation(Method):
             out = self.student(z_t_n_k, t_n_k, c, omega)
         x0 = teacher.to_x0_eps(out.float(), z_t_n_k, t_n_k)[0]
         f_online = consistency_output(z_t_n_k, x0, t_n_k, **self.scalings)
-        return {"loss": self.distance(f_online, f_target).mean()}
+        d = self.distance(f_online, f_target)
+        # Logged, not trained on: the loss of each interval, named by its start t_{n+k} (which part of t still moves).
+        return {"loss": d.mean(), **group_means(d.detach(), n, self.interval_names)}
 
     def autocast(self):
         """bf16/fp16 autocast for the forward passes when the run asks for mixed precision."""

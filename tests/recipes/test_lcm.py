@@ -72,6 +72,10 @@ def test_full_run_on_tiny_sd_v_exports_a_pipeline(tiny_sd_v_path, tmp_path):
     # Throughput and memory for the table: 2 micro-batches of 4 per step; the teacher alone is ~MBs.
     assert report["samples_per_second"] == pytest.approx(8 * report["steps_per_second"], rel=0.02, abs=0.05)
     assert report["peak_memory_kind"] == "process_peak_rss" and report["peak_memory_mb"] > 100
+    # the loss of each interval, named by its start timestep on the solver's grid (N = 50 of T = 1000: 19, 39, ...)
+    intervals = [k for k in report["losses"] if k.startswith("interval/t")]
+    assert intervals and all(int(k.removeprefix("interval/t")) % 20 == 19 for k in intervals)
+    assert all(math.isfinite(report["losses"][k]["first_50"]) for k in intervals)
     assert (run / "student" / "unet" / "config.json").is_file() and (run / "config.yaml").is_file()
     assert [c.name for c in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
     checkpoint = run / "checkpoints" / "step-0000004"  # every named module, and the student that ships
