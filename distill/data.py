@@ -59,12 +59,28 @@ def _looks_local(source: str) -> bool:
             or Path(source).suffix.lower() in _FILE_BUILDERS)
 
 
+_SCRATCH: list[str] = []
+
+
+def _scratch_cache() -> str:
+    """Where `datasets` may write its Arrow copy of a local file: a temporary folder removed when the process ends,
+    so that reading the user's own files writes nothing outside the run folder (hub datasets keep the HF cache)."""
+    if not _SCRATCH:
+        import atexit
+        import shutil
+        import tempfile
+
+        _SCRATCH.append(tempfile.mkdtemp(prefix="distill-datasets-"))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
 def _load(builder: str | None, source: str, split: str, **kwargs) -> datasets.Dataset:
     """`datasets.load_dataset` with its user-facing failures turned into one DataError."""
     try:
         if builder is None:
             return datasets.load_dataset(source, split=split, **kwargs)
-        return datasets.load_dataset(builder, split=split, **kwargs)
+        return datasets.load_dataset(builder, split=split, cache_dir=_scratch_cache(), **kwargs)
     except EmptyDatasetError as e:
         raise DataError(f"Dataset folder {source} holds no data files: add images or parquet files to it.") from e
     except ValueError as e:
