@@ -80,7 +80,8 @@ def test_short_run_writes_a_loadable_pipeline_and_a_resume_after_a_kill_ends_exa
     shutil.copytree(straight, killed)
     for later in (killed / "vae" / "checkpoints" / "step-0000003", killed / "vae" / "final", killed / "unet"):
         shutil.rmtree(later)
-    resumed = _run(tmp_path / "b", "max_train_steps=5", "checkpoints_total_limit=null", "resume_from_checkpoint=latest")
+    resumed = _run(tmp_path / "b", "max_train_steps=5", "checkpoints_total_limit=null", "resume_from_checkpoint=latest",
+                   "allow_config_change=true")  # the copy was started writing its pipeline to a/teacher, not b/teacher
     assert resumed == killed
     # Both stages went on from there and ended where the uninterrupted run ended: VAE, UNet, EMA, data order.
     (unet_a, ema_a), (unet_b, ema_b) = _weights(straight, 5), _weights(resumed, 5)
