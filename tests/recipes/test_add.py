@@ -54,6 +54,7 @@ def test_config_loads_and_every_setting_has_a_comment(path):
     assert cfg.recipe == "add" and cfg.run_name == f"add-{path.stem}" and cfg.max_train_steps == 7
     assert cfg.student.kind == ("lora" if "lora" in path.stem else "full")
     assert cfg.add.variant == ("ladd" if "ladd" in path.stem else "add")
+    assert cfg.resume_from_checkpoint is None  # a new run unless the user asks to go on with one
     assert cfg.discriminator.feature_network != "effnet-lite0"  # never the judge
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if re.match(r"^\s*[A-Za-z_]+:\s*\S", line):

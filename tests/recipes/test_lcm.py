@@ -57,6 +57,7 @@ def test_config_loads_and_every_setting_has_a_comment(path):
     assert cfg.recipe == "lcm" and cfg.run_name == f"lcm-{path.stem}" and cfg.max_train_steps == 7
     assert cfg.student.kind == ("lora" if path.stem.endswith("lora") else "full")
     assert 0 <= cfg.lcd.w_min <= cfg.lcd.w_max
+    assert cfg.resume_from_checkpoint is None  # a new run unless the user asks to go on with one
     assert cfg.lcd.num_ddim_timesteps == (10 if path.stem.startswith("emoji") else 50)  # LCM's N for SD
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if re.match(r"^\s*[A-Za-z_]+:\s*\S", line):  # a key with a value (section headers have none)
