@@ -32,11 +32,20 @@ def _straight(config: Path, out: Path) -> Path:
     return list_runs(out)[0]
 
 
+def _complete_checkpoint(out: Path) -> bool:
+    """A marked checkpoint exists (looked for without walking folders the run is renaming at that moment)."""
+    try:
+        return any(out.glob(f"*/checkpoints/step-???????/{MARKER}")) or any(
+            out.glob(f"*/*/checkpoints/step-???????/{MARKER}"))  # a run with stages (the teacher's vae/, unet/)
+    except OSError:
+        return False
+
+
 def _killed_then_resumed(config: Path, out: Path, seed: int) -> Path:
     proc = subprocess.Popen([*CLI, "train", str(config), f"output_dir={out}"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
-    while not list(out.rglob(MARKER)) and proc.poll() is None and time.monotonic() < deadline:
+    while not _complete_checkpoint(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(random.Random(seed).uniform(0.0, 0.5))  # an arbitrary moment after the first checkpoint
     proc.send_signal(signal.SIGKILL)
