@@ -111,6 +111,12 @@ def resolve_resume(spec: str | None, output_dir: str | Path, name: str) -> tuple
         return path.parent.parent, path
     if path.is_dir() and (ckpts := all_checkpoints(path)):
         return path, ckpts[-1]
+    if path.is_dir() and (unmarked := incomplete_checkpoints(path)):
+        raise ConfigError(
+            f"{path} has checkpoints but none marked complete ({unmarked[-1].name} has no {MARKER}): a save was cut "
+            f"off, or an older distill wrote them; if {unmarked[-1]} holds trainer_state.json it is whole, and "
+            f"`touch {unmarked[-1] / MARKER}` lets the run go on from it."
+        )
     raise ConfigError(
         f"resume_from_checkpoint={spec} is neither a checkpoint nor a run folder with checkpoints: "
         "pass a path under runs/ or `latest`."

@@ -99,6 +99,9 @@ def test_a_checkpoint_without_its_marker_is_never_listed_and_is_named_in_a_warni
     assert runs.resolve_resume(str(run), tmp_path, "x") == (run, good)
     with pytest.warns(UserWarning, match=r"step-0000020 has no checkpoint.complete marker.*resuming from .*step-0000010"):
         runs.warn_incomplete(run, good)
+    (good / runs.MARKER).unlink()  # nothing complete left: the refusal says which one and how to adopt it
+    with pytest.raises(ConfigError, match=r"none marked complete \(step-0000020 .*touch .*step-0000020/checkpoint"):
+        runs.resolve_resume(str(run), tmp_path, "x")
 
 
 def test_pruning_keeps_the_newest_good_checkpoint_and_a_resave_replaces_it_safely(tmp_path):
