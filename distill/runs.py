@@ -27,7 +27,7 @@ _CKPT = re.compile(r"^step-(\d+)$")
 MARKER = "checkpoint.complete"  # written last: its presence means every other file of the checkpoint is on disk
 # Keys a resume may change without changing what is trained: where and how often things are written, threads, stops.
 RESUME_FREE_KEYS = ("resume_from_checkpoint", "allow_config_change", "max_train_minutes", "checkpointing_steps",
-                    "checkpoints_total_limit", "num_threads", "report_to", "output_dir", "sample.", "data.num_workers")
+                    "checkpoints_total_limit", "num_threads", "report_to", "output_dir", "sample.", "probe.", "data.num_workers")
 
 
 def run_name(recipe: str, config_name: str) -> str:
@@ -185,9 +185,14 @@ def warn_incomplete(run_dir: str | Path, chosen: Path | None) -> None:
                           f"{chosen or 'the start'} instead.", stacklevel=2)
 
 
-def config_changes(saved: dict, now: dict) -> list[str]:
-    """`key: old -> new` for every training setting that differs between a run's config and the one resuming it."""
+def config_changes(saved: dict, now: dict, defaults: dict | None = None) -> list[str]:
+    """`key: old -> new` for every training setting that differs between a run's config and the one resuming it.
+
+    A key the saved config lacks was added to the toolkit after the run began; the run trained as its default
+    (`defaults`: new keys default to the old behaviour), so only a value other than that default is a change."""
     old, new = _flatten(saved), _flatten(now)
+    for key, value in _flatten(defaults or {}).items():
+        old.setdefault(key, value)
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE_KEYS)]

@@ -179,3 +179,11 @@ def test_checkpoint_files_follow_the_users_umask(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in checkpoint.rglob("*") if p.is_file()}
     assert modes["w.safetensors"] == 0o640 and set(modes.values()) == {0o640}
+
+
+def test_a_key_added_after_a_run_began_is_no_change_at_its_default():
+    saved = {"data": {"source": "emoji:32"}, "learning_rate": 1e-4}  # written before data.holdout_rows existed
+    defaults = {"data": {"source": "emoji:32", "holdout_rows": 0}, "learning_rate": 1e-4}
+    assert runs.config_changes(saved, {**saved, "data": {"source": "emoji:32", "holdout_rows": 0}}, defaults) == []
+    assert runs.config_changes(saved, {**saved, "data": {"source": "emoji:32", "holdout_rows": 5}}, defaults) == [
+        "data.holdout_rows: 0 -> 5"]
