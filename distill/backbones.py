@@ -113,21 +113,21 @@ def _load_dinov2(model_id: str) -> nn.Module:
                          "teacher use effnet-lite1.") from err
 
 
-def build_backbone(spec: str, resolution: int | None = None) -> Backbone:
+def build_backbone(spec: str, resolution: int | None = None, key: str = "discriminator.feature_network") -> Backbone:
     """'effnet-lite1' or 'dinov2[:<hub id or folder>]' -> a frozen Backbone."""
-    check_backbone(spec)
+    check_backbone(spec, key)
     if spec == "effnet-lite1":
         return EffNetLite1(resolution or 64)
     model_id = spec.partition(":")[2] or "facebook/dinov2-small"
     return Dinov2(model_id, resolution=resolution or 224)
 
 
-def check_backbone(spec: str) -> None:
+def check_backbone(spec: str, key: str = "discriminator.feature_network") -> None:
     """Refuse the judge's network and unknown names without loading anything (before a run starts)."""
     if spec == JUDGE:
-        raise ConfigError(f"discriminator.feature_network={JUDGE} is the eval's judge (FD-EffNet): a student trained "
-                          "against it would score well without being better; use effnet-lite1 or dinov2.")
+        raise ConfigError(f"{key}={JUDGE} is the eval's judge (FD-EffNet): a student trained or chosen against it "
+                          "would score well without being better; use effnet-lite1 or dinov2.")
     if spec == "effnet-lite1" or spec == "dinov2" or spec.startswith("dinov2:"):
         return
-    raise ConfigError(f"Unknown discriminator.feature_network {spec!r}: use effnet-lite1 (offline) or "
+    raise ConfigError(f"Unknown {key} {spec!r}: use effnet-lite1 (offline) or "
                       "dinov2[:<hub id>] (ADD's DINOv2 ViT-S/14).")

@@ -19,6 +19,7 @@ class Budget:
         self.max_steps, self.max_minutes = max_steps, max_minutes
         self.elapsed_before, self.start = elapsed_before, time.monotonic()
         self.start_step = start_step
+        self.stopped_by: str | None = None  # what ended the run before its steps did, when something else did
 
     def minutes(self) -> float:
         return self.elapsed_before + (time.monotonic() - self.start) / 60.0

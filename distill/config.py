@@ -51,6 +51,7 @@ class DataConfig:
     max_samples: int | None = None  # only the first N rows (smoke runs); null: all
     cache: bool = True  # encode every image and caption once up front (small, fixed data); false: per batch
     num_workers: int = 0  # DataLoader workers when not cached
+    holdout_rows: int = 0  # rows kept out of training (a fixed seed-0 draw, the same for every run): the probe's held-out set
 
 
 @dataclasses.dataclass
@@ -73,6 +74,17 @@ class SampleConfig:
     every_steps: int = 500  # a grid into samples/ every so many steps; 0: only the final one
     teacher_steps: int | None = 50  # final grid: the teacher at this many steps beside the student; null: none
     guidance_scale: float | None = None  # pipeline guidance for the student; null: what the student was made for
+
+
+@dataclasses.dataclass
+class ProbeConfig:
+    every_steps: int = 0  # a quality probe every so many steps (0: none); the best one is kept in best/
+    num_samples: int = 256  # student samples per probe (KID is unbiased, so a few hundred suffice to rank steps)
+    steps: int = 4  # sampling steps of the student in the probe
+    feature_net: str = "effnet-lite1"  # frozen network for the probe's KID; never the eval's judge (effnet-lite0)
+    feature_resolution: int = 64  # its input size
+    patience: int = 3  # this many probes in a row without a new best: "quality stopped improving"
+    stop_on_plateau: bool = False  # also stop training then (the schedule is cut; best/ holds the best student)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +119,10 @@ BOUNDS: dict[type, dict[str, Bound]] = {
         "train_batch_size": Bound(1), "gradient_accumulation_steps": Bound(1), "learning_rate": Bound(0, strict=True),
         "checkpointing_steps": Bound(0), "checkpoints_total_limit": Bound(1, null="keeping every checkpoint"),
     },
-    DataConfig: {"resolution": Bound(1), "max_samples": Bound(1, null="every row"), "num_workers": Bound(0)},
+    DataConfig: {"resolution": Bound(1), "max_samples": Bound(1, null="every row"), "num_workers": Bound(0),
+                 "holdout_rows": Bound(0)},
+    ProbeConfig: {"every_steps": Bound(0), "num_samples": Bound(4), "steps": Bound(1), "feature_resolution": Bound(32),
+                  "patience": Bound(0)},
     OptimConfig: {
         "weight_decay": Bound(0), "beta1": Bound(0, high=1), "beta2": Bound(0, high=1), "eps": Bound(0, strict=True),
         "max_grad_norm": Bound(0, strict=True, null="no clipping"), "lr_warmup_steps": Bound(0), "lr_floor": Bound(0),

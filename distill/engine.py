@@ -34,6 +34,7 @@ from distill.optim import lr_multiplier
 from distill.preemption import Preemption
 from distill.progress import Progress
 from distill.losslog import LossLog
+from distill.watch import QualityWatch
 
 
 @dataclasses.dataclass
@@ -81,6 +82,9 @@ class Loop:
     checkpointing_steps: int = 0  # 0: only the final checkpoint
     checkpoints_total_limit: int | None = 2
     sample_every: int = 0  # 0: no grids during training
+    probe_every: int = 0  # 0: no quality probe (method.probe) during training
+    probe_patience: int = 3  # probes without a new best before the run says quality stopped improving
+    probe_stop: bool = False  # and stops then
     seed: int = 0
     report_to: str = "tensorboard"
     on_nonfinite: str = "stop"  # "stop": a NaN/inf loss or gradient ends the run; "skip": no update, counted
@@ -88,7 +92,7 @@ class Loop:
     @classmethod
     def from_config(cls, cfg, **overrides) -> Loop:
         """The loop of a `TrainConfig` (with its `optim` and `sample` blocks, where it has them)."""
-        optim, sample = getattr(cfg, "optim", None), getattr(cfg, "sample", None)
+        optim, sample, probe = (getattr(cfg, name, None) for name in ("optim", "sample", "probe"))
         values = dict(
             max_steps=cfg.max_train_steps, max_minutes=cfg.max_train_minutes, batch_size=cfg.train_batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
@@ -96,6 +100,9 @@ class Loop:
             seed=cfg.seed, report_to=cfg.report_to, sample_every=sample.every_steps if sample else 0,
             on_nonfinite=getattr(cfg, "on_nonfinite", "stop"),
         )
+        if probe is not None:
+            values.update(probe_every=probe.every_steps, probe_patience=probe.patience,
+                          probe_stop=probe.stop_on_plateau)
         if optim is not None:
             values.update(lr_schedule=optim.lr_schedule, lr_warmup_steps=optim.lr_warmup_steps,
                           lr_floor=optim.lr_floor, max_grad_norm=optim.max_grad_norm)
@@ -139,12 +146,22 @@ def _changes_allowed(cfg, run_dir: Path) -> list[str]:
         return []
     import yaml
 
-    changes = runs.config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+    changes = runs.config_changes(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), _defaults(cfg))
     if changes and not getattr(cfg, "allow_config_change", False):
         raise ConfigError(f"Resuming {run_dir} with different training settings ({'; '.join(changes)}): start a new "
                           "run (resume_from_checkpoint=null), or pass allow_config_change=true to go on with them "
                           "(recorded beside the run's config.yaml, which stays as it is).")
     return changes
+
+
+def _defaults(cfg) -> dict:
+    """The config class's own defaults (what a key added after a run began meant for that run)."""
+    from distill.config import to_dict
+
+    try:
+        return to_dict(type(cfg)())
+    except TypeError:  # a config class with required fields: no defaults to assume
+        return {}
 
 
 def check_report_to(value: str) -> None:
@@ -185,6 +202,7 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
     trainable = _prepare(accelerator, method)
     step, budget = _resume(accelerator, method, run, folder, loop)
     progress = Progress(stage or method.name, budget, accelerator, samples_per_step=_samples_per_step(accelerator, loop))
+    watch = QualityWatch(folder, loop.probe_every, loop.probe_patience, loop.probe_stop, step)
     _say_where(accelerator, run, folder)
     if step >= loop.max_steps:
         accelerator.print(f"nothing to train: {folder} already reached max_train_steps={loop.max_steps} (to train "
@@ -209,9 +227,14 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
             if _agree(accelerator, preempted.signal is not None):
                 _stop_preempted(accelerator, method, run, folder, loop, budget, step, preempted.signal)
             _cadence(accelerator, method, run, folder, loop, budget, step)
+            if _probe(accelerator, method, watch, step):
+                budget.stopped_by = "the quality probe's plateau (probe.stop_on_plateau)"
+                break
         progress.close()
         _checkpoint(accelerator, method, folder, loop, budget, step)
     report = {**_report(accelerator, loop, budget, step, first_step, seconds, losses), "skipped_nonfinite": skipped}
+    if watch.summary():
+        report["probe"] = watch.summary()
     if accelerator.is_main_process:
         method.save_student(folder / "student", step)
         apply_umask(folder / "student")
@@ -352,6 +375,15 @@ def _cadence(accelerator, method, run: Run, folder: Path, loop: Loop, budget: Bu
         method.save_samples(folder / "samples" / f"step-{step:07d}.png")
 
 
+def _probe(accelerator, method, watch: QualityWatch, step: int) -> bool:
+    """The quality probe when due (on the main process, the others wait); True when the run should stop."""
+    if not watch.due(step):
+        return False
+    stop = watch.probe(accelerator, method, step) if accelerator.is_main_process else False
+    accelerator.wait_for_everyone()
+    return _agree(accelerator, stop)
+
+
 def _log(accelerator, method, stage: str | None, values: dict, step: int) -> None:
     prefix = stage or method.name
     scalars = {f"{prefix}/{k}": v for k, v in values.items()}
@@ -480,7 +512,9 @@ def _say_where(accelerator, run: Run, folder: Path) -> None:
 def _closing_line(run: Run, folder: Path, step: int, budget: Budget) -> str:
     cut = ""
     if step < budget.max_steps:
-        cut = (f" (max_train_minutes={budget.max_minutes} stopped it at step {step} of {budget.max_steps}: the "
-               "learning-rate schedule was cut there, not compressed)")
-    return (f"done: {step} steps, {budget.minutes():.1f} min{cut}  |  student: {folder / 'student'}  |  "
+        why = budget.stopped_by or f"max_train_minutes={budget.max_minutes}"
+        cut = (f" ({why} stopped it at step {step} of {budget.max_steps}: the learning-rate schedule was cut there, "
+               "not compressed)")
+    best = f"  |  best probed student: {folder / 'best'}" if (folder / "best").is_dir() else ""
+    return (f"done: {step} steps, {budget.minutes():.1f} min{cut}  |  student: {folder / 'student'}{best}  |  "
             f"report: {folder / 'report.json'}  |  checkpoints: {folder / 'checkpoints'}  |  logs: {run.dir / 'logs'}")

@@ -7,12 +7,14 @@ through a DataLoader and is encoded per batch. Either way a method gets `next_ba
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from distill import data as data_lib
 from distill.cond import Cond
+from distill.errors import ConfigError
 from distill.progress import Ticker
 
 
@@ -50,8 +52,34 @@ def forever(loader) -> Iterator:
         yield from loader
 
 
-def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = True) -> Callable:
-    """next_batch(generator) -> (z [B, C, h, w], Cond) over the dataset `data_cfg` (a `DataConfig`) names.
+def holdout_split(num_rows: int, holdout: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(training rows, held-out rows): `holdout` rows drawn by a fixed permutation, so every run of a dataset holds
+    out the same rows whatever its own seed."""
+    if holdout and holdout > num_rows - 1:
+        raise ConfigError(f"data.holdout_rows={holdout} leaves no training rows of the {num_rows} in the data; "
+                          f"hold out fewer (e.g. {max(1, num_rows // 10)}).")
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    held = order[:holdout].sort().values
+    keep = torch.ones(num_rows, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().squeeze(1), held
+
+
+@dataclass
+class LatentData:
+    """A method's data: `next_batch(generator) -> (z, Cond)` over the training rows, and with `data.holdout_rows`
+    the held-out rows (z, Cond, captions) and as many fixed training rows (`train_subset`) to compare them with."""
+
+    next_batch: Callable
+    holdout: tuple[Tensor, Cond, list[str]] | None = None
+    train_subset: tuple[Tensor, Cond, list[str]] | None = None
+
+    def __call__(self, generator):
+        return self.next_batch(generator)
+
+
+def latent_data(data_cfg, teacher, batch_size: int, seed: int, show: bool = True) -> LatentData:
+    """The `LatentData` of the dataset `data_cfg` (a `DataConfig`) names.
 
     cache: every latent and text embedding once, then rows drawn with the generator (a resumed run draws the same);
     otherwise a shuffled DataLoader, sharded across processes by accelerate and encoded per batch.
@@ -59,8 +87,12 @@ def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = T
     table = data_lib.load_image_dataset(data_cfg.source, data_cfg.image_column, data_cfg.caption_column)
     if data_cfg.max_samples:
         table = table.select(range(min(data_cfg.max_samples, len(table))))
-    items = data_lib.ImageCaptionDataset(table, data_cfg.resolution, data_cfg.image_column, data_cfg.caption_column,
-                                         source=data_cfg.source)
+    train_rows, held_rows = holdout_split(len(table), data_cfg.holdout_rows)
+    held = _encoded_rows(table, held_rows, data_cfg, teacher) if len(held_rows) else None
+    subset = _encoded_rows(table, train_rows[:len(held_rows)], data_cfg, teacher) if len(held_rows) else None
+    if len(held_rows):
+        table = table.select(train_rows.tolist())
+    items = _items(table, data_cfg)
     if data_cfg.cache:
         latents, conds = encode_dataset(teacher, items, data_cfg.resolution, show=show)
 
@@ -68,7 +100,7 @@ def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = T
             idx = torch.randint(len(latents), (batch_size,), generator=generator)
             return latents[idx], conds.select(idx)  # a CPU index works on tensors on any device
 
-        return cached
+        return LatentData(cached, held, subset)
     loader = data_lib.make_dataloader(items, batch_size, seed=seed, num_workers=data_cfg.num_workers)
     stream = forever(_shard(loader))
 
@@ -76,7 +108,31 @@ def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = T
         row = next(stream)
         return encode_batch(teacher, row["pixel_values"], list(row["caption"]), data_cfg.resolution)
 
-    return streamed
+    return LatentData(streamed, held, subset)
+
+
+def latent_batches(data_cfg, teacher, batch_size: int, seed: int, show: bool = True) -> Callable:
+    """next_batch(generator) -> (z [B, C, h, w], Cond) over the training rows (`latent_data` without its splits)."""
+    return latent_data(data_cfg, teacher, batch_size, seed, show).next_batch
+
+
+def real_images(data_cfg, count: int, seed: int = 0) -> Tensor:
+    """Pixel values [n, 3, H, W] in [-1, 1] of `count` rows of the data (a fixed draw): a probe's reference set."""
+    table = data_lib.load_image_dataset(data_cfg.source, data_cfg.image_column, data_cfg.caption_column)
+    rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    items = _items(table.select(rows.tolist()), data_cfg)
+    return torch.stack([items[i]["pixel_values"] for i in range(len(items))])
+
+
+def _items(table, data_cfg) -> data_lib.ImageCaptionDataset:
+    return data_lib.ImageCaptionDataset(table, data_cfg.resolution, data_cfg.image_column, data_cfg.caption_column,
+                                        source=data_cfg.source)
+
+
+def _encoded_rows(table, rows: Tensor, data_cfg, teacher) -> tuple[Tensor, Cond, list[str]]:
+    items = _items(table.select(rows.tolist()), data_cfg)
+    latents, cond = encode_dataset(teacher, items, data_cfg.resolution, show=False)
+    return latents, cond, [items[i]["caption"] for i in range(len(items))]
 
 
 def _shard(loader):

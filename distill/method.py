@@ -16,6 +16,8 @@ A method (one per recipe, written top to bottom in `recipes/<name>.py`) declares
   loss that is NaN or infinite), naming what went wrong and what to change.
 - `save_student(folder, step)`: the shippable student (weights + `student.json`), at checkpoints and the end.
 - `save_samples(path)` and `finish(folder, step)`: grids during training and after it.
+- `probe(step)`: a small quality measurement (lower "score" is better) the engine runs on a cadence, keeping the
+  best student in `best/` and saying when quality stopped improving (`distill.watch`).
 
 The engine owns everything else: run folder, resume, budget, accumulation, mixed precision, learning rates,
 clipping, checkpoints, logging, progress and report.json.
@@ -63,6 +65,11 @@ class Method:
 
     def save_samples(self, path: Path) -> None:
         """Write a sample grid of the model in training to `path` (nothing by default)."""
+
+    def probe(self, step: int) -> dict[str, float] | None:
+        """A quality probe of the model in training, on the main process: {"score": lower is better, ...}; None: no
+        probe. The engine calls it every `probe.every_steps`, logs it and keeps the best student in `best/`."""
+        return None
 
     def finish(self, folder: Path, step: int) -> None:
         """After the last checkpoint, on the main process: final grids, extra files (nothing by default)."""

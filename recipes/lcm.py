@@ -20,6 +20,15 @@ student.kind = lora: LoRA adapters on the teacher's UNet, their own target (unde
 with `student.ema_decay` an EMA of the adapters (swapped in for the target pass, and the weights saved); the
 teacher pass runs with the adapters disabled, so only one UNet is in memory.
 
+For long runs (issue: quality that rises with the budget, then holds):
+- `lcd.anchor_weight`: every interval is also regressed onto the teacher's ODE solution from points on its own
+  trajectories, solved once before training on a finer grid (`distill.trajectories`; CTM's regression term), so
+  intervals n > 0 stay tied to the teacher instead of only to the student's own target.
+- `student.ship_ema_decay`: a slow average of the weights ships (and is sampled and probed), while theta^- stays
+  LCM's fast target.
+- `probe.every_steps` with `data.holdout_rows`: KID of a few hundred samples (on EfficientNet-Lite1, not the
+  judge), and the consistency loss on held-out vs training rows; the engine keeps the best student in `best/`.
+
 The engine (`distill.engine`) runs the loop; this file is the method: its networks, its optimizer, and one
 iteration, numbered after the paper's algorithm. The run folder ends with `student/` (LoRA weights in diffusers
 format, or the EMA UNet, with the LCMScheduler spec it samples with), `samples/`, `logs/`, `checkpoints/` and
@@ -37,17 +46,20 @@ from typing import Literal
 import torch
 
 from distill import engine, optim
-from distill.config import DataConfig, OptimConfig, SampleConfig, TrainConfig
+from distill.backbones import check_backbone
+from distill.config import DataConfig, OptimConfig, ProbeConfig, SampleConfig, TrainConfig
 from distill.consistency import DDIMSolver, consistency_output, lcm_sampler
 from distill.ema import AdapterEMA, ema_update_
 from distill.errors import ConfigError
 from distill.images import save_grid
 from distill.info import INFO_FILE, StudentInfo
-from distill.latents import latent_batches
+from distill.latents import latent_data, real_images
 from distill.losses import l2, pseudo_huber
 from distill.losslog import group_means
 from distill.method import Method
-from distill.sampling import sample_grid, student_rows
+from distill.probe import PooledFeatures, kid
+from distill.sampling import lcm_sample, sample_grid, student_rows
+from distill.trajectories import solve_trajectories
 from distill.student import LCM_LORA_TARGETS, FullStudent, LoraStudent
 from distill.teacher import Teacher
 
@@ -63,6 +75,7 @@ class StudentConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LCM_LORA_TARGETS))
     gradient_checkpointing: bool = False  # less memory, slower backward
+    ship_ema_decay: float | None = None  # a second, slow EMA (e.g. 0.999) that ships and is probed; null: theta^- ships
 
 
 @dataclass
@@ -74,6 +87,9 @@ class LcdConfig:
     huber_c: float = 0.001  # pseudo-Huber c, element-wise
     timestep_scaling: float = 10.0  # s in c_skip / c_out (LCMScheduler's timestep_scaling)
     sigma_data: float = 0.5
+    anchor_weight: float = 0.0  # lambda_a of the trajectory anchor d(f_theta(z_t on the teacher's ODE), its end); 0: off
+    anchor_trajectories: int = 1024  # M teacher ODE trajectories solved once before training (training captions)
+    anchor_solve_steps: int = 50  # DDIM steps of those solves: the anchor's ceiling is the teacher at this many steps
 
 
 @dataclass
@@ -84,9 +100,20 @@ class LcmConfig(TrainConfig):
     lcd: LcdConfig = field(default_factory=LcdConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 CONFIG = LcmConfig  # `distill train` loads this recipe's YAML into it
+
+
+def check_probe(cfg: LcmConfig) -> None:
+    """The probe's settings, before a run folder exists."""
+    if not cfg.probe.every_steps:
+        return
+    check_backbone(cfg.probe.feature_net, "probe.feature_net")
+    if not cfg.data.holdout_rows:
+        raise ConfigError("probe.every_steps needs held-out rows for its captions and held-out loss: set "
+                          "data.holdout_rows (e.g. 256), or probe.every_steps=0.")
 
 
 def check(cfg: LcmConfig, teacher: Teacher) -> None:
@@ -96,15 +123,25 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
         )
     if cfg.student.kind == "full" and cfg.student.ema_decay is None:
         raise ConfigError("A full student needs student.ema_decay (LCM's target network uses 0.95).")
-    if cfg.student.ema_decay is not None and not 0 <= cfg.student.ema_decay < 1:
-        raise ConfigError(f"student.ema_decay={cfg.student.ema_decay} must be in [0, 1).")
+    for key in ("ema_decay", "ship_ema_decay"):
+        value = getattr(cfg.student, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"student.{key}={value} must be in [0, 1), or null.")
     if not 0 <= cfg.lcd.w_min <= cfg.lcd.w_max:
         raise ConfigError(f"lcd.w_min={cfg.lcd.w_min} and lcd.w_max={cfg.lcd.w_max} must satisfy 0 <= w_min <= w_max.")
     n = cfg.lcd.num_ddim_timesteps
     if not 1 <= n <= teacher.num_train_timesteps:
         raise ConfigError(f"lcd.num_ddim_timesteps={n} must be in [1, {teacher.num_train_timesteps}].")
-    if any(not 1 <= s <= n for s in cfg.sample.steps):
-        raise ConfigError(f"sample.steps {cfg.sample.steps} must each be in [1, lcd.num_ddim_timesteps={n}].")
+    if cfg.lcd.anchor_weight < 0 or cfg.lcd.anchor_trajectories < 1:
+        raise ConfigError(f"lcd.anchor_weight={cfg.lcd.anchor_weight} must be >= 0 and lcd.anchor_trajectories="
+                          f"{cfg.lcd.anchor_trajectories} at least 1.")
+    fine = set(teacher.schedule.grid(max(1, cfg.lcd.anchor_solve_steps)).tolist())
+    if cfg.lcd.anchor_weight and not set(teacher.schedule.grid(n).tolist()) <= fine:
+        raise ConfigError(f"lcd.anchor_solve_steps={cfg.lcd.anchor_solve_steps} must be a multiple of "
+                          f"lcd.num_ddim_timesteps={n} (the solver's timesteps must lie on the anchor's grid), e.g. {5 * n}.")
+    if any(not 1 <= s <= n for s in [*cfg.sample.steps, cfg.probe.steps]):
+        raise ConfigError(f"sample.steps {cfg.sample.steps} and probe.steps {cfg.probe.steps} must each be in "
+                          f"[1, lcd.num_ddim_timesteps={n}].")
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -128,7 +165,9 @@ class LatentConsistencyDistillation(Method):
         self._build_student(cfg.student)
         self.optimizers["student"] = optim.from_config(self.online.trainable_parameters(), cfg.learning_rate,
                                                        cfg.optim, device)
-        self.next_batch = latent_batches(cfg.data, self.teacher, cfg.train_batch_size, cfg.seed)
+        self.data = latent_data(cfg.data, self.teacher, cfg.train_batch_size, cfg.seed)
+        self.real_features = None  # the probe's reference, computed at its first call
+        self.anchors = self._solve_anchors() if cfg.lcd.anchor_weight else None
 
     def _build_student(self, s: StudentConfig) -> None:
         if s.kind == "full":  # theta: the teacher's UNet + a guidance input; theta^- <- theta
@@ -139,6 +178,9 @@ class LatentConsistencyDistillation(Method):
             self.modules.update(student=self.online)
             if s.ema_decay is not None:
                 self.modules["ema"] = AdapterEMA(self.online.trainable_parameters(), s.ema_decay)
+        if s.ship_ema_decay is not None:  # consistency-model practice: a fast target to train, a slow average to ship
+            self.modules["ship"] = (self.online.frozen_copy() if s.kind == "full" else
+                                    AdapterEMA(self.online.trainable_parameters(), s.ship_ema_decay))
         self.online.train()
         if s.gradient_checkpointing:
             self.online.network.enable_gradient_checkpointing()
@@ -147,17 +189,65 @@ class LatentConsistencyDistillation(Method):
         """theta^- in place: the EMA target network (full), the adapters' EMA swapped in, or the student itself."""
         return self.ema.applied() if "ema" in self.modules else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def shipped(self):
+        """The network that ships (and is sampled and probed): the slow EMA when there is one, else theta^-."""
+        if "ship" not in self.modules:
+            with self.target_mode():
+                yield self.theta_minus
+        elif isinstance(self.modules["ship"], AdapterEMA):
+            with self.modules["ship"].applied():
+                yield self.online
+        else:
+            yield self.modules["ship"]
+
     @property
     def theta_minus(self):
         return self.modules.get("target", self.online)
 
     def batch(self, generator):
         """LCD's data: (z = E(x), c) ~ D_z."""
-        return self.next_batch(generator)
+        return self.data.next_batch(generator)
+
+    def _solve_anchors(self):
+        """The teacher's guided ODE trajectories from M noises for M training captions, z kept on the solver grid."""
+        cfg, generator = self.cfg.lcd, torch.Generator().manual_seed(self.cfg.seed + 1)
+        m = cfg.anchor_trajectories
+        batches = [self.data.next_batch(generator) for _ in range(-(-m // self.cfg.train_batch_size))]
+        cond = batches[0][1]
+        for _, more in batches[1:]:
+            cond = cond.cat(more)
+        cond = cond.select(torch.arange(m))
+        noise = torch.randn((m, *self.teacher.latent_shape(self.cfg.data.resolution)), generator=generator)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(m, generator=generator)
+        print(f"solving {m} teacher ODE trajectories once ({cfg.anchor_solve_steps} guided DDIM steps) ...", flush=True)
+        with self.online.teacher_mode():
+            return solve_trajectories(self.teacher, cond, noise, 1.0 + w, self.solver.timesteps,
+                                      cfg.anchor_solve_steps)
 
     def step(self, batch, iteration: int, generator: torch.Generator) -> dict:
+        d, n = self.distance_to_target(*batch, generator, self.student)
+        out = {"loss": d.mean()}
+        if self.anchors is not None:  # every interval tied to the teacher's ODE, not only n = 0
+            out["anchor"] = self.cfg.lcd.anchor_weight * self.anchor_distance(generator).mean()
+        # Logged, not trained on: the loss of each interval, named by its start t_{n+k} (which part of t still moves).
+        return {**out, **group_means(d.detach(), n, self.interval_names)}
+
+    def anchor_distance(self, generator: torch.Generator) -> torch.Tensor:
+        """d(f_theta(z_t, omega, c, t), x0_ODE) [B] at points z_t on the teacher's cached trajectories (CTM's
+        regression term): the student's one-step map against the teacher's ODE solution from the same point."""
+        z_t, t, x0_ode, c, guidance = self.anchors.draw(self.cfg.train_batch_size, generator)
+        device = self.teacher.device
+        z_t, t, x0_ode = z_t.to(device), t.to(device), x0_ode.to(device)
+        omega = (guidance - 1.0).to(device) if self.online.guidance_dim else None
+        with self.autocast():
+            out = self.student(z_t, t, c.to(device=device), omega)
+        x0 = self.teacher.to_x0_eps(out.float(), z_t, t)[0]
+        return self.distance(consistency_output(z_t, x0, t, **self.scalings), x0_ode)
+
+    def distance_to_target(self, z, c, generator: torch.Generator, student) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-4 of the algorithm: per-sample d(f_theta(z_{t_{n+k}}), f_{theta^-}(z_hat_{t_n})) [B], and n [B]."""
         cfg, teacher, solver = self.cfg, self.teacher, self.solver
-        z, c = batch
         device = z.device
         # 1. Sample an interval n ~ U{0..N-1} (t_{n+k} -> t_n) and omega ~ U[w_min, w_max].
         n = solver.sample_index(len(z), generator)
@@ -179,15 +269,13 @@ class LatentConsistencyDistillation(Method):
                 out = self.theta_minus(z_hat_t_n, t_n, c, omega)
             x0 = teacher.to_x0_eps(out.float(), z_hat_t_n, t_n)[0]
             f_target = consistency_output(z_hat_t_n, x0, t_n, **self.scalings)
-        # 4. L = d(f_theta(z_{t_{n+k}}, omega, c, t_{n+k}), f_{theta^-}(z_hat_{t_n}, omega, c, t_n)), per sample,
-        #    averaged over the batch. (5. theta <- theta - eta grad L is the engine's optimizer step.)
+        # 4. L = d(f_theta(z_{t_{n+k}}, omega, c, t_{n+k}), f_{theta^-}(z_hat_{t_n}, omega, c, t_n)), per sample;
+        #    `step` averages it over the batch. (5. theta <- theta - eta grad L is the engine's optimizer step.)
         with self.autocast():
-            out = self.student(z_t_n_k, t_n_k, c, omega)
+            out = student(z_t_n_k, t_n_k, c, omega)
         x0 = teacher.to_x0_eps(out.float(), z_t_n_k, t_n_k)[0]
         f_online = consistency_output(z_t_n_k, x0, t_n_k, **self.scalings)
-        d = self.distance(f_online, f_target)
-        # Logged, not trained on: the loss of each interval, named by its start t_{n+k} (which part of t still moves).
-        return {"loss": d.mean(), **group_means(d.detach(), n, self.interval_names)}
+        return self.distance(f_online, f_target), n
 
     def autocast(self):
         """bf16/fp16 autocast for the forward passes when the run asks for mixed precision."""
@@ -200,6 +288,51 @@ class LatentConsistencyDistillation(Method):
             ema_update_(self.target.network, self.online.network, self.cfg.student.ema_decay)
         elif "ema" in self.modules:
             self.ema.update()
+        if "ship" in self.modules:  # the slow average, warmed up as diffusers' EMAModel: min(mu, (1 + i) / (10 + i))
+            mu = min(self.cfg.student.ship_ema_decay, (1 + iteration) / (10 + iteration))
+            if isinstance(self.ship, AdapterEMA):
+                self.ship.decay = mu
+                self.ship.update()
+            else:
+                ema_update_(self.ship.network, self.online.network, mu)
+
+    # ------------------------------------------------------------------------------------ probe
+    @torch.no_grad()
+    def probe(self, step: int) -> dict[str, float] | None:
+        """KID of `probe.num_samples` samples at `probe.steps` (held-out captions) against real images on a frozen
+        network that is not the judge, and the loss on held-out vs as many fixed training rows (a gap: over-fitting)."""
+        if not self.cfg.probe.every_steps:
+            return None
+        student = self.unwrapped("student")
+        losses = {}
+        for name, (z, c, _) in (("holdout_loss", self.data.holdout), ("train_loss", self.data.train_subset)):
+            d, _ = self.distance_to_target(z, c, torch.Generator().manual_seed(self.cfg.seed), student)
+            losses[name] = float(d.mean())
+        real = self._real_features()
+        return {"score": kid(real, self.probe_net(self._probe_images())), **losses}
+
+    def _probe_images(self) -> torch.Tensor:
+        cfg = self.cfg
+        _, cond, _ = self.data.holdout
+        rows = torch.arange(cfg.probe.num_samples) % len(cond)
+        generator, images = torch.Generator().manual_seed(cfg.seed), []
+        with self.shipped() as student:
+            was_training = student.training
+            student.eval()
+            for chunk in rows.split(64):
+                images.append(lcm_sample(student, self.teacher, cond.select(chunk), cfg.probe.steps, generator,
+                                         guidance_scale=self.student_info(0).guidance_scale,
+                                         original_steps=cfg.lcd.num_ddim_timesteps,
+                                         timestep_scaling=cfg.lcd.timestep_scaling, resolution=cfg.data.resolution))
+            student.train(was_training)
+        return torch.cat(images).clamp(-1, 1)
+
+    def _real_features(self) -> torch.Tensor:
+        if self.real_features is None:
+            self.probe_net = PooledFeatures(self.cfg.probe.feature_net, self.cfg.probe.feature_resolution)
+            self.probe_net.to(self.teacher.device)
+            self.real_features = self.probe_net(real_images(self.cfg.data, 1024))
+        return self.real_features
 
     # ------------------------------------------------------------------------------------ outputs
     def student_info(self, step: int) -> StudentInfo:
@@ -219,21 +352,21 @@ class LatentConsistencyDistillation(Method):
 
     def save_student(self, folder: Path, step: int) -> None:
         """What ships: the EMA target UNet (full), or the adapters (their EMA when there is one), + student.json."""
-        with self.target_mode():
-            self.theta_minus.save_weights(folder)
+        with self.shipped() as student:
+            student.save_weights(folder)
         self.student_info(step).save(folder)
 
     def save_samples(self, path: Path) -> None:
         """A grid from the target in memory (toolkit sampler): prompts x sample.steps."""
-        cfg, student = self.cfg, self.theta_minus
-        was_training = student.training
-        student.eval()  # LoRA dropout off
-        with self.target_mode():
+        cfg = self.cfg
+        with self.shipped() as student:
+            was_training = student.training
+            student.eval()  # LoRA dropout off
             rows = student_rows(student, self.teacher, cfg.sample.prompts, cfg.sample.steps, cfg.seed,
                                 guidance_scale=self.student_info(0).guidance_scale,
                                 original_steps=cfg.lcd.num_ddim_timesteps,
                                 timestep_scaling=cfg.lcd.timestep_scaling, resolution=cfg.data.resolution)
-        student.train(was_training)
+            student.train(was_training)
         save_grid(rows, path)
 
     def finish(self, folder: Path, step: int) -> None:
@@ -257,6 +390,9 @@ class LatentConsistencyDistillation(Method):
             was = ", ".join(f"{k}={saved.details.get(k)}" for k in changed)
             raise ConfigError(f"Checkpoint {checkpoint} was trained with {was}, this run uses other values; {fix}.")
         with_ema, had_ema = "ema" in self.modules, (checkpoint / "modules" / "ema").is_dir()
+        if (checkpoint / "modules" / "ship").is_dir() != ("ship" in self.modules):
+            raise ConfigError(f"Checkpoint {checkpoint} and this run differ in student.ship_ema_decay (one has the slow "
+                              f"shipped average, the other not); {fix}.")
         if info.kind == "lora" and had_ema != with_ema:
             raise ConfigError(f"Checkpoint {checkpoint} was trained {'with' if had_ema else 'without'} an EMA of the "
                               f"adapters (student.ema_decay), this run {'with' if with_ema else 'without'}; {fix}.")
@@ -265,6 +401,7 @@ class LatentConsistencyDistillation(Method):
 def main(cfg: LcmConfig) -> Path:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    check_probe(cfg)
     with engine.start_run(cfg) as run:  # a start that fails before training leaves no empty run folder
         method = LatentConsistencyDistillation(cfg, run.device)
         engine.fit(run, method, engine.Loop.from_config(cfg))

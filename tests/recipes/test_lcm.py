@@ -36,7 +36,7 @@ def _cfg(tmp_path, teacher, kind, **over) -> LcmConfig:
         sample=dict(prompts=["dog face", "banana"], steps=[1, 2], every_steps=2, teacher_steps=None),
     )
     for key, value in over.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return from_dict(LcmConfig, data)
 
 
