@@ -245,6 +245,8 @@ def _name_list(value: str) -> list[str]:
           help="A draft-then-refine row: STUDENT@k+teacher@m:strength[:cfg], e.g. RUN@2+teacher@2:0.3 (repeatable).")
 @_setting("--student-sampler",
           help="Sampler of students without student.json (a plain LoRA or pipeline), e.g. LCMScheduler@1.")
+@_setting("--consistency-gap", metavar="N",
+          help="Points of the consistency-gap section (LCM students: one-step map vs the teacher's ODE; 0: off).")
 @_setting("--overwrite", is_flag=True,
           help="Replace the report already in --out (without it, an --out holding a report is refused).")
 def eval_command(**options):

@@ -8,6 +8,7 @@ import base64
 import html
 import re
 
+from evals.gap import GAP_TITLE, gap_note, gap_skipped, gap_tables
 from evals.plots import GRID_FILE, PLOTS
 from evals.recommend import NOISY_CV
 from evals.tables import (DECISION_NOTE, FLOOR_NOTE, JUDGES_NOTE, JUDGES_TITLE, MODEL_HEAD, SWEEP_NOTE, bar_lines,
@@ -97,6 +98,17 @@ def _judges_section(report: dict, classes: list[str]) -> str:
             f"<p class=\"note\">{html.escape(JUDGES_NOTE)}</p>\n")
 
 
+def _gap_section(report: dict) -> str:
+    """Per consistency student, its gap to the teacher's ODE along t (see `evals.gap`), where the eval measured it."""
+    e, tables, skipped = html.escape, gap_tables(report), gap_skipped(report)
+    if not tables and not skipped:
+        return ""
+    out = f"<h2>{e(GAP_TITLE)}</h2>\n<p class=\"note\">{e(gap_note(report))}</p>\n"
+    for name, head, body, line in tables:
+        out += f"<h3>{e(name)}</h3><p>{_code(e(line))}</p>\n{_html_table(head, body)}\n"
+    return out + (f"<p class=\"note\">{_code(e(skipped))}</p>\n" if skipped else "")
+
+
 def _inline_png(images: dict[str, bytes], name: str, alt: str) -> str:
     """An <img> carrying the PNG itself, or a note where it is missing."""
     e = html.escape
@@ -131,6 +143,7 @@ def render_html(report: dict, images: dict[str, bytes]) -> str:
 <p class="note">Bold: best generated value in the column (not for diversity). Teacher rows shaded. {e(FLOOR_NOTE)}</p>
 {_judges_section(report, classes)}
 {img(PLOTS['quality_vs_steps'], 'quality vs steps')}
+{_gap_section(report)}
 <h2>Speed</h2>
 <h3>Latency at batch 1</h3><p class="note">p50 of each stage over the timed runs; speedups against {e(rows[0]['label'])};
 memory: {e(mem_note(report))}.</p>

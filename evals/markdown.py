@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from evals.gap import GAP_TITLE, gap_note, gap_skipped, gap_tables
 from evals.plots import GRID_FILE, PLOTS
 from evals.tables import (DECISION_NOTE, FLOOR_NOTE, JUDGES_NOTE, JUDGES_TITLE, MODEL_HEAD, SWEEP_NOTE, bar_lines,
                           decision_rows, decision_table, judges_table, latency_table, mem_note, models_rows,
@@ -18,7 +19,9 @@ def render_markdown(report: dict) -> str:
     out += _decision_sections(report)
     out += ["", "## Quality", "", _md_table(*quality_table(report)), "", FLOOR_NOTE, ""]
     out += _judges_section(report)
-    out += [f"![quality vs steps]({PLOTS['quality_vs_steps']})", "", "## Speed", "",
+    out += [f"![quality vs steps]({PLOTS['quality_vs_steps']})", ""]
+    out += _gap_section(report)
+    out += ["## Speed", "",
             f"Latency at batch 1 (p50 per stage; mem: {mem_note(report)}):", "", _md_table(*latency_table(report)), "",
             f"Throughput at batch {p['batch_size']} (the quality run itself):", "",
             _md_table(*throughput_table(report)), "",
@@ -49,6 +52,17 @@ def _judges_section(report: dict) -> list[str]:
     """The second judges' table, where the eval had any (--judges)."""
     table = judges_table(report)
     return [] if table is None else [f"## {JUDGES_TITLE}", "", _md_table(*table), "", JUDGES_NOTE, ""]
+
+
+def _gap_section(report: dict) -> list[str]:
+    """Per consistency student, its gap to the teacher's ODE along t, and one line on students not measured."""
+    tables, skipped = gap_tables(report), gap_skipped(report)
+    if not tables and not skipped:
+        return []
+    out = [f"## {GAP_TITLE}", "", gap_note(report), ""]
+    for name, head, body, line in tables:
+        out += [f"`{name}`: {line}", "", _md_table(head, body), ""]
+    return out + ([skipped, ""] if skipped else [])
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:

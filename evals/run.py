@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from evals import models, speed
+from evals import gap, models, speed
 from evals.baselines import best_per_steps, control_candidate, sweep_candidates
 from evals.cascade_rows import cascade_for
 from evals.entries import add_models, assemble, row_entry
@@ -60,6 +60,10 @@ def run_eval(settings: EvalSettings) -> dict:
     rows, grids, model_info, sweep = [], [], [], []
     teacher = _teacher_stage(settings, device, dtype, guidance, prompts, measure, state, rows, grids, model_info,
                              sweep, timings)
+    t0 = time.perf_counter()
+    state["gap"] = gap.start(teacher, real, prompts, settings.consistency_gap, settings.seed, settings.batch_size)
+    if state["gap"] is not None:
+        _add(timings, "consistency_gap_s", time.perf_counter() - t0)
     for source in settings.students:
         _student_stage(source, teacher, settings, device, dtype, prompts, measure, state, rows, grids, model_info,
                        sweep, timings)
@@ -69,6 +73,8 @@ def run_eval(settings: EvalSettings) -> dict:
 
     report = assemble(settings, device, prompts, prompt_source, real, measure, floor, rows, model_info, state, timings,
                       sweep)
+    if state["gap"] is not None:
+        report["consistency_gap"] = state["gap"].entry()
     t0 = time.perf_counter()
     grid_png = sample_grid_png(grids, prompts[:GRID_PROMPTS], grid_images(real, prompts, GRID_PROMPTS))
     report["timings"]["report_s"] = time.perf_counter() - t0
@@ -164,6 +170,10 @@ def _student_stage(source, teacher, settings, device, dtype, prompts, measure, s
         n = screen_n(settings, len(prompts))
         sweep.extend(screen([control], steps, prompts[:n], settings, measure, state["ref"], "control"))
         _add(timings, "control_s", time.perf_counter() - t1)
+    if state["gap"] is not None:
+        t1 = time.perf_counter()
+        gap.measure(state["gap"], student, teacher, settings.batch_size)
+        _add(timings, "consistency_gap_s", time.perf_counter() - t1)
     for spec in settings.cascades:
         cascade = cascade_for(spec, source, student, teacher)
         if cascade is not None:

@@ -50,6 +50,7 @@ class EvalSettings:
     control: bool = True  # per student: the untrained teacher with the student's own sampler and guidance
     cascades: list[str] = field(default_factory=list)  # STUDENT@k+teacher@m:s[:g] rows (draft, then refine)
     student_sampler: str | None = None  # Class[:k=v]@g for students without student.json (a plain LoRA or pipeline)
+    consistency_gap: int = 64  # points of the consistency-gap section for LCM students (0: no section)
     overwrite: bool = False  # replace a report already in `out` (without it, such an `out` is refused)
 
     def check(self) -> None:
@@ -74,6 +75,9 @@ class EvalSettings:
             raise ConfigError(f"--cascade {missing[0]} drafts with a student that is not among --student; add "
                               "--student with the same path.")
         self._check_judges()
+        if self.consistency_gap < 0:
+            raise ConfigError(f"--consistency-gap {self.consistency_gap} is negative: give a number of points, "
+                              "e.g. 64 (0 turns the section off).")
         if self.sweep_samples and self.sweep_samples < 16:
             raise ConfigError(f"--sweep-samples {self.sweep_samples} is too small to rank samplers: use 16 or more "
                               "(or 0 for the full N).")
