@@ -227,7 +227,7 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
             if _agree(accelerator, preempted.signal is not None):
                 _stop_preempted(accelerator, method, run, folder, loop, budget, step, preempted.signal)
             _cadence(accelerator, method, run, folder, loop, budget, step)
-            if _probe(accelerator, method, watch, step):
+            if _probe(accelerator, method, watch, step, budget.minutes()):
                 budget.stopped_by = "the quality probe's plateau (probe.stop_on_plateau)"
                 break
         progress.close()
@@ -375,11 +375,11 @@ def _cadence(accelerator, method, run: Run, folder: Path, loop: Loop, budget: Bu
         method.save_samples(folder / "samples" / f"step-{step:07d}.png")
 
 
-def _probe(accelerator, method, watch: QualityWatch, step: int) -> bool:
+def _probe(accelerator, method, watch: QualityWatch, step: int, minutes: float) -> bool:
     """The quality probe when due (on the main process, the others wait); True when the run should stop."""
     if not watch.due(step):
         return False
-    stop = watch.probe(accelerator, method, step) if accelerator.is_main_process else False
+    stop = watch.probe(accelerator, method, step, minutes) if accelerator.is_main_process else False
     accelerator.wait_for_everyone()
     return _agree(accelerator, stop)
 

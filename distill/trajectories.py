@@ -14,11 +14,15 @@ schedule's grid, records z_t at each requested timestep (which must lie on that 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
 from distill.cond import Cond
+from distill.progress import Ticker
 
 
 @dataclass
@@ -35,6 +39,22 @@ class Trajectories:
     def __len__(self) -> int:
         return len(self.x0)
 
+    def save(self, path: Path, key: str) -> None:
+        """z, timesteps, x0 and guidance as safetensors (the conditions are cheap to encode again), tagged `key`."""
+        tensors = {"z": self.z, "timesteps": self.timesteps, "x0": self.x0, "guidance": self.guidance}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"key": key})
+
+    @classmethod
+    def load(cls, path: Path, key: str, cond: Cond) -> Trajectories | None:
+        """The trajectories saved at `path` under the same `key`, with `cond`; None if absent or made otherwise."""
+        if not path.is_file():
+            return None
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            t = {name: f.get_tensor(name) for name in f.keys()}
+        return cls(t["z"], t["timesteps"], t["x0"], cond, t["guidance"])
+
     def draw(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Cond, Tensor]:
         """(z_t [B, C, h, w], t [B], x0 [B, C, h, w], cond, guidance [B]): random rows at random recorded times."""
         rows = torch.randint(len(self), (batch_size,), generator=generator)
@@ -44,7 +64,7 @@ class Trajectories:
 
 @torch.no_grad()
 def solve_trajectories(teacher, cond: Cond, noise: Tensor, guidance: Tensor, record: Tensor, solve_steps: int = 50,
-                       batch_size: int = 128) -> Trajectories:
+                       batch_size: int = 128, show: bool = False) -> Trajectories:
     """Guided DDIM trajectories of `teacher` from `noise` [M, C, h, w] (at t = T - 1) for conditions `cond` [M] and
     guidance scales [M], z recorded at the timesteps `record` [K]; x0 is the last step's x0 prediction."""
     grid = teacher.schedule.grid(solve_steps).flip(0)  # descending: the noisiest first
@@ -53,11 +73,14 @@ def solve_trajectories(teacher, cond: Cond, noise: Tensor, guidance: Tensor, rec
         raise ValueError(f"Timesteps {record[~on_grid].tolist()} are not on the {solve_steps}-step solver grid.")
     record = record.to(grid.dtype).sort(descending=True).values
     zs, x0s = [], []
+    ticker = Ticker(f"solving teacher ODE trajectories once ({solve_steps} guided DDIM steps)", len(noise),
+                    every_seconds=30, enabled=show)
     for start in range(0, len(noise), batch_size):
         rows = slice(start, start + batch_size)
         z, x0 = _solve(teacher, noise[rows], cond.select(torch.arange(len(noise))[rows]), guidance[rows], grid, record)
         zs.append(z)
         x0s.append(x0)
+        ticker.update(min(start + batch_size, len(noise)))
     return Trajectories(torch.cat(zs), record, torch.cat(x0s), cond, guidance)
 
 

@@ -18,6 +18,7 @@ from distill.probe import BestKeeper
 
 BEST = "best"  # the best probed student, beside student/ (the last one)
 HISTORY = "probe.jsonl"
+PLOT = "probe.png"  # the probe's values against steps, redrawn at each probe
 
 
 class QualityWatch:
@@ -29,18 +30,19 @@ class QualityWatch:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0 and step not in {h["step"] for h in self.keeper.history}
 
-    def probe(self, accelerator, method, step: int) -> bool:
+    def probe(self, accelerator, method, step: int, minutes: float) -> bool:
         """Probe now (main process); True when the run should stop on a plateau."""
         values = method.probe(step)
         if not values:
             return False
-        improved = self.keeper.record(step, values.pop("score"), **values)
+        improved = self.keeper.record(step, values.pop("score"), **values, minutes=round(minutes, 2))
         self.keeper.save(self.folder / HISTORY)
+        plot_history(self.keeper.history, self.folder / PLOT)
         accelerator.log({f"probe/{k}": v for k, v in self.keeper.history[-1].items() if k != "step"}, step=step)
         best = self.keeper.best
         if improved:
             self._save_best(method, step)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.keeper.history[-1].items() if k != "step")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.keeper.history[-1].items() if k not in ("step", "minutes"))
         accelerator.print(f"probe at step {step}: {shown}" + ("  (best so far: best/)" if improved else
                                                             f"  (best: {best['score']:.4g} at step {best['step']})"))
         if self.keeper.plateaued() and not self.said_plateau:
@@ -69,3 +71,25 @@ class QualityWatch:
 
     def summary(self) -> dict | None:
         return self.keeper.summary() if self.keeper.history else None
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """One panel per probed value (the score, the held-out and training losses, ...) against training steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in history[0] if k not in ("step", "minutes")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, key in zip(axes.flat, keys):
+        ax.plot(steps, [h.get(key) for h in history], marker="o")
+        ax.set_xlabel("training step")
+        ax.set_title("probe score (lower is better)" if key == "score" else key)
+    best = min((h for h in history if h["score"] == h["score"]), key=lambda h: h["score"], default=None)
+    if best:
+        axes.flat[0].axvline(best["step"], color="grey", ls="--", lw=1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

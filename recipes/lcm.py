@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,7 @@ from distill.backbones import check_backbone
 from distill.config import DataConfig, OptimConfig, ProbeConfig, SampleConfig, TrainConfig
 from distill.consistency import DDIMSolver, consistency_output, lcm_sampler
 from distill.ema import AdapterEMA, ema_update_
+from distill.device import process_state
 from distill.errors import ConfigError
 from distill.images import save_grid
 from distill.info import INFO_FILE, StudentInfo
@@ -59,7 +61,7 @@ from distill.losslog import group_means
 from distill.method import Method
 from distill.probe import PooledFeatures, kid
 from distill.sampling import lcm_sample, sample_grid, student_rows
-from distill.trajectories import solve_trajectories
+from distill.trajectories import Trajectories, solve_trajectories
 from distill.student import LCM_LORA_TARGETS, FullStudent, LoraStudent
 from distill.teacher import Teacher
 
@@ -150,9 +152,9 @@ class LatentConsistencyDistillation(Method):
 
     name = "lcm"
 
-    def __init__(self, cfg: LcmConfig, device):
+    def __init__(self, cfg: LcmConfig, device, run_dir: Path | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.run_dir = cfg, run_dir
         # Teacher: frozen weights in the mixed-precision dtype; every trainable weight stays float32.
         self.teacher = Teacher.from_pretrained(cfg.teacher, torch_dtype=engine.weight_dtype(cfg.mixed_precision),
                                                device=device)
@@ -220,10 +222,19 @@ class LatentConsistencyDistillation(Method):
         cond = cond.select(torch.arange(m))
         noise = torch.randn((m, *self.teacher.latent_shape(self.cfg.data.resolution)), generator=generator)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(m, generator=generator)
-        print(f"solving {m} teacher ODE trajectories once ({cfg.anchor_solve_steps} guided DDIM steps) ...", flush=True)
+        # Kept in the run folder: a resume loads them instead of solving again (the key says what made them).
+        path = self.run_dir / "anchors.safetensors" if self.run_dir else None
+        key = json.dumps([m, cfg.anchor_solve_steps, cfg.w_min, cfg.w_max, cfg.num_ddim_timesteps, self.cfg.seed,
+                          self.cfg.data.resolution, self.cfg.data.holdout_rows])
+        found = Trajectories.load(path, key, cond) if path else None
+        if found is not None:
+            return found
         with self.online.teacher_mode():
-            return solve_trajectories(self.teacher, cond, noise, 1.0 + w, self.solver.timesteps,
-                                      cfg.anchor_solve_steps)
+            anchors = solve_trajectories(self.teacher, cond, noise, 1.0 + w, self.solver.timesteps,
+                                         cfg.anchor_solve_steps, show=True)
+        if path and process_state().is_main_process:
+            anchors.save(path, key)
+        return anchors
 
     def step(self, batch, iteration: int, generator: torch.Generator) -> dict:
         d, n = self.distance_to_target(*batch, generator, self.student)
@@ -403,7 +414,7 @@ def main(cfg: LcmConfig) -> Path:
         torch.set_num_threads(cfg.num_threads)
     check_probe(cfg)
     with engine.start_run(cfg) as run:  # a start that fails before training leaves no empty run folder
-        method = LatentConsistencyDistillation(cfg, run.device)
+        method = LatentConsistencyDistillation(cfg, run.device, run.dir)
         engine.fit(run, method, engine.Loop.from_config(cfg))
     return run.dir
 

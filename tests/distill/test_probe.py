@@ -95,6 +95,7 @@ def test_the_engine_keeps_the_best_probed_student_and_says_when_quality_stopped(
     assert report["steps"] == 10 and report["probe"]["best_step"] == 4 and report["probe"]["plateau"]
     rows = [json.loads(line) for line in (folder / "probe.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and rows[1]["holdout_loss"] == 0.04
+    assert all(r["minutes"] >= 0 for r in rows) and (folder / "probe.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "quality stopped improving: the best probe score 1 was at step 4" in out and "training goes on" in out
     assert not list(folder.glob("best.*"))  # no partial or old copy left
