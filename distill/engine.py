@@ -209,6 +209,7 @@ def fit(run: Run, method, loop: Loop, stage: str | None = None) -> dict:
                           "on, resume with a larger max_train_steps=... and allow_config_change=true)")
     losses, seconds, first_step, skipped = LossLog(), 0.0, step, 0
     with Preemption() as preempted:
+        _probe(accelerator, method, watch, step, budget.minutes())  # step 0: the untrained control's score
         while not _finished(accelerator, budget, step):
             started = time.monotonic()
             stepped, values = _iteration(accelerator, method, trainable, loop, budget, step)

@@ -28,6 +28,7 @@ class QualityWatch:
         self.said_plateau = self.keeper.plateaued()
 
     def due(self, step: int) -> bool:
+        """Every `every` steps, step 0 (before training: the untrained control) included, each step once."""
         return bool(self.every) and step % self.every == 0 and step not in {h["step"] for h in self.keeper.history}
 
     def probe(self, accelerator, method, step: int, minutes: float) -> bool:

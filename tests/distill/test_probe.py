@@ -89,12 +89,12 @@ def _fit(tmp_path, scores, steps, **loop):
 
 
 def test_the_engine_keeps_the_best_probed_student_and_says_when_quality_stopped(tmp_path, capsys):
-    folder, report = _fit(tmp_path, {2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 1.2}, 10, probe_patience=3)
+    folder, report = _fit(tmp_path, {0: 5.0, 2: 3.0, 4: 1.0, 6: 2.0, 8: 1.5, 10: 1.2}, 10, probe_patience=3)
     assert (folder / "best" / "step.txt").read_text() == "4"  # not the later, worse ones
     assert (folder / "student" / "step.txt").read_text() == "10"
     assert report["steps"] == 10 and report["probe"]["best_step"] == 4 and report["probe"]["plateau"]
     rows = [json.loads(line) for line in (folder / "probe.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10] and rows[1]["holdout_loss"] == 0.04
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10] and rows[2]["holdout_loss"] == 0.04  # 0: untrained
     assert all(r["minutes"] >= 0 for r in rows) and (folder / "probe.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "quality stopped improving: the best probe score 1 was at step 4" in out and "training goes on" in out
@@ -102,7 +102,7 @@ def test_the_engine_keeps_the_best_probed_student_and_says_when_quality_stopped(
 
 
 def test_stop_on_plateau_ends_the_run_early_and_says_why(tmp_path, capsys):
-    folder, report = _fit(tmp_path, {2: 1.0, 4: 2.0, 6: 3.0, 8: 0.5}, 8, probe_patience=2, probe_stop=True)
+    folder, report = _fit(tmp_path, {0: 9.0, 2: 1.0, 4: 2.0, 6: 3.0, 8: 0.5}, 8, probe_patience=2, probe_stop=True)
     assert report["steps"] == 6 and (folder / "best" / "step.txt").read_text() == "2"
     assert "probe.stop_on_plateau) stopped it at step 6 of 8" in capsys.readouterr().out
     assert math.isclose(report["probe"]["best_score"], 1.0)
