@@ -108,7 +108,7 @@ def _train_inputs(config: str | None, overrides: list[str], resume: str | None) 
 @main.command()
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the diffusers artefact into.")
-@click.option("--checkpoint", default=None, help="A checkpoint folder, name or step; default: the run's final student.")
+@click.option("--checkpoint", default=None, help="A checkpoint folder, name or step, or best (the quality probe's best); default: the run's final student.")
 def export(run_dir, out, checkpoint):
     """Export a student for plain diffusers: distill export runs/001-lcm-emoji_sd_lora --out exports/lora
 

@@ -223,6 +223,8 @@ def student_folder(run_dir: str | Path, checkpoint: str | Path | int | None = No
         raise ModelError(f"Run folder {run_dir} does not exist; pass a folder under runs/ (see `distill ls`).")
     if checkpoint is not None:
         return _checkpoint_folder(run_dir, checkpoint)
+    if (run_dir / INFO_FILE).is_file():  # a student folder itself (student/, best/, a checkpoint's student/)
+        return run_dir
     if (run_dir / "student" / INFO_FILE).is_file():
         return run_dir / "student"
     found = [c / "student" for c in list_checkpoints(run_dir) if (c / "student" / INFO_FILE).is_file()]
@@ -236,7 +238,7 @@ def student_folder(run_dir: str | Path, checkpoint: str | Path | int | None = No
 
 def _checkpoint_folder(run_dir: Path, checkpoint) -> Path:
     text = str(checkpoint)
-    candidates = [Path(text), run_dir / "checkpoints" / text]
+    candidates = [Path(text), run_dir / "checkpoints" / text, run_dir / text]  # run_dir / "best": the probe's best
     if text.isdigit():
         candidates.append(run_dir / "checkpoints" / f"step-{int(text):07d}")
     for path in candidates:

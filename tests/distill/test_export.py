@@ -128,6 +128,11 @@ def test_export_from_a_checkpoint_and_the_errors(tiny_sd_path, tmp_path):
     assert student_folder(run) == run / "student"
     assert student_folder(run, 5) == student_folder(run, "step-0000005") == student_folder(run, ckpt) == ckpt / "student"
     assert (export_run(run, tmp_path / "from_ckpt", checkpoint=5) / LORA_WEIGHTS).is_file()
+    (run / "best").mkdir()  # the quality probe's best student, beside student/
+    for name in (LORA_WEIGHTS, "student.json"):
+        (run / "best" / name).write_bytes((run / "student" / name).read_bytes())
+    assert student_folder(run, "best") == student_folder(run / "best") == run / "best"
+    assert (export_run(run / "best", tmp_path / "from_best") / LORA_WEIGHTS).is_file()
 
     with pytest.raises(ModelError, match="does not exist"):
         export_run(tmp_path / "nowhere", tmp_path / "x")
