@@ -71,7 +71,7 @@ def folder_mb(folder: str | Path) -> float:
 
 def check_train(cfg) -> None:
     """Every check a training config allows before a run folder is made or a model loaded (a `TrainConfig`)."""
-    from distill.engine import check_report_to
+    from distill.start import check_report_to
 
     check_report_to(cfg.report_to)
     check_writable(cfg.output_dir, "output_dir")
