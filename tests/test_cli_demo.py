@@ -36,6 +36,7 @@ def test_demo_trains_exports_evaluates_and_reports(tmp_path, monkeypatch):
     assert (run_dir / "report" / "report.html").is_file()
     # Each stage names the command that runs it alone; the end names the report.
     assert "distill train lcm/emoji_sd_lora max_train_steps=3 max_train_minutes=null" in result.output
+    assert "lcd.anchor_weight=0 probe.every_steps=0" in result.output  # a short run skips the long-run settings
     assert "--baseline LCMScheduler@1" in result.output and "--cascade" in result.output
     assert f"distill export {run_dir}" in result.output
     assert f"report: {run_dir / 'report' / 'report.html'}" in result.output
