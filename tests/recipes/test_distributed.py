@@ -38,14 +38,24 @@ def _configs(tmp_path, make, **common) -> tuple[Path, Path]:
     return two, one
 
 
+# The long-run settings too: the anchors (each process solves the same ones), the probe (the main process probes,
+# the other waits) and the shipped EMA.
+LONG_RUN = dict(data=dict(source="emoji:32", resolution=16, max_samples=10, holdout_rows=2),
+                probe=dict(every_steps=2, num_samples=4, steps=2),
+                lcd=dict(w_min=1.0, w_max=3.0, anchor_weight=1.0, anchor_trajectories=4),
+                student=dict(lora_rank=4, ship_ema_decay=0.9))
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_accumulating_two_for_the_lcm_lora(tiny_sd_path, tmp_path):
     def make(folder, **over):
         return test_lcm._cfg(folder, tiny_sd_path, "lora", max_train_steps=3, checkpointing_steps=0,
-                             report_to="none", sample=dict(every_steps=0), **over)
+                             report_to="none", sample=dict(every_steps=0), **LONG_RUN, **over)
 
     two, one = _configs(tmp_path, make)
     a, b = _train(two, 2), _train(one, 1)
+    assert (a / "anchors.safetensors").is_file() and (a / "best" / "student.json").is_file()  # the main process's
+    assert [json.loads(line)["step"] for line in (a / "probe.jsonl").read_text().splitlines()] == [0, 2]
     files = sorted(p.relative_to(a) for p in (a / "checkpoints" / "step-0000003" / "modules").rglob("*.safetensors"))
     assert files  # the online adapters and every other module of the method
     for name in [Path("student/pytorch_lora_weights.safetensors"), *files]:
