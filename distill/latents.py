@@ -55,9 +55,11 @@ def forever(loader) -> Iterator:
 def holdout_split(num_rows: int, holdout: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(training rows, held-out rows): `holdout` rows drawn by a fixed permutation, so every run of a dataset holds
     out the same rows whatever its own seed."""
-    if holdout and holdout > num_rows - 1:
-        raise ConfigError(f"data.holdout_rows={holdout} leaves no training rows of the {num_rows} in the data; "
-                          f"hold out fewer (e.g. {max(1, num_rows // 10)}).")
+    if holdout and holdout > num_rows // 10:  # a held-out set is a probe's, not a tenth of the training data
+        fix = (f"data.holdout_rows={num_rows // 10} or fewer" if num_rows >= 10 else
+               "data.holdout_rows=0 and probe.every_steps=0 (too few rows to hold any out)")
+        raise ConfigError(f"data.holdout_rows={holdout} would hold out more than a tenth of the {num_rows} rows of the "
+                          f"data: set {fix}.")
     order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
     held = order[:holdout].sort().values
     keep = torch.ones(num_rows, dtype=torch.bool)

@@ -141,7 +141,7 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
     if cfg.lcd.anchor_weight and not set(teacher.schedule.grid(n).tolist()) <= fine:
         raise ConfigError(f"lcd.anchor_solve_steps={cfg.lcd.anchor_solve_steps} must be a multiple of "
                           f"lcd.num_ddim_timesteps={n} (the solver's timesteps must lie on the anchor's grid), e.g. {5 * n}.")
-    if any(not 1 <= s <= n for s in [*cfg.sample.steps, cfg.probe.steps]):
+    if any(not 1 <= s <= n for s in [*cfg.sample.steps, *([cfg.probe.steps] if cfg.probe.every_steps else [])]):
         raise ConfigError(f"sample.steps {cfg.sample.steps} and probe.steps {cfg.probe.steps} must each be in "
                           f"[1, lcd.num_ddim_timesteps={n}].")
 

@@ -233,9 +233,12 @@ def test_a_corrupt_image_names_its_row_before_the_first_step(tiny_sd_bert_path, 
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     result = train("lcm/emoji_sd_lora", f"teacher={tiny_sd_bert_path}", out, f"data.source={folder}",
-                   "train_batch_size=2", "report_to=none")
+                   "train_batch_size=2", "report_to=none", "data.holdout_rows=0", "probe.every_steps=0")
     one_sentence(result, "Image at row 2", "2.png", "cannot be decoded", "remove that row")
     assert not list((tmp_path / "runs").glob("*/checkpoints/*"))  # no step was taken
+    # The emoji config holds 256 rows out for its probe: on 4 rows that is said, with the fix, before any step.
+    small = train("lcm/emoji_sd_lora", f"teacher={tiny_sd_bert_path}", out, f"data.source={folder}", "report_to=none")
+    one_sentence(small, "data.holdout_rows=256", "more than a tenth of the 4 rows", "probe.every_steps=0")
 
 
 # ------------------------------------------------------------------------------------- sample: before any model

@@ -48,13 +48,15 @@ def test_best_keeper_reload_drops_probes_after_the_resumed_step(tmp_path):
 
 
 def test_holdout_split_is_disjoint_complete_and_the_same_for_every_run():
-    train, held = holdout_split(100, 10)
+    train, held = holdout_split(100, 10)  # a tenth: the most it holds out
     assert len(held) == 10 and len(train) == 90
     assert sorted(train.tolist() + held.tolist()) == list(range(100))
     assert torch.equal(held, holdout_split(100, 10)[1])
     assert len(holdout_split(100, 0)[1]) == 0
-    with pytest.raises(ConfigError, match="holdout_rows=100 leaves no training rows"):
-        holdout_split(100, 100)
+    with pytest.raises(ConfigError, match="holdout_rows=11 would hold out more than a tenth of the 100 rows"):
+        holdout_split(100, 11)
+    with pytest.raises(ConfigError, match="holdout_rows=0 and probe.every_steps=0"):
+        holdout_split(4, 1)
 
 
 class Probed(Method):
