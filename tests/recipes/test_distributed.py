@@ -40,7 +40,7 @@ def _configs(tmp_path, make, **common) -> tuple[Path, Path]:
 
 # The long-run settings too: the anchors (each process solves the same ones), the probe (the main process probes,
 # the other waits) and the shipped EMA.
-LONG_RUN = dict(data=dict(source="emoji:32", resolution=16, max_samples=10, holdout_rows=2),
+LONG_RUN = dict(data=dict(source="emoji:32", resolution=16, max_samples=20, holdout_rows=2),
                 probe=dict(every_steps=2, num_samples=4, steps=2),
                 lcd=dict(w_min=1.0, w_max=3.0, anchor_weight=1.0, anchor_trajectories=4),
                 student=dict(lora_rank=4, ship_ema_decay=0.9))

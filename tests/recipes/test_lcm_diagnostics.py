@@ -13,7 +13,7 @@ from recipes import lcm
 from recipes.lcm import main
 from tests.recipes.test_lcm import _cfg, _report
 
-LONG = dict(data=dict(source="emoji:32", resolution=16, max_samples=12, holdout_rows=4),
+LONG = dict(data=dict(source="emoji:32", resolution=16, max_samples=40, holdout_rows=4),
             probe=dict(every_steps=2, num_samples=4, steps=2, patience=1),
             sample=dict(prompts=["dog face"], steps=[1, 2], every_steps=0, teacher_steps=None))
 
