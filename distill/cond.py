@@ -13,7 +13,8 @@ class Cond:
     """Everything the network needs besides z_t and t, for a batch of B samples.
 
     encoder_hidden_states: [B, L, D] text embeddings (SD, SDXL).
-    added_cond_kwargs: SDXL's {"text_embeds": [B, D_pooled], "time_ids": [B, 6]}.
+    added_cond_kwargs: SDXL's {"text_embeds": [B, D_pooled], "time_ids": [B, 6]}; SD3's and FLUX's
+        {"pooled_projections": [B, D_pooled]}.
     class_labels: [B] long class indices (class-conditional UNet2DModel).
     batch_size: only for a Cond that holds no tensors (unconditional models), to keep its length.
     """
@@ -58,8 +59,9 @@ class Cond:
     def pooled(self) -> Tensor:
         """One vector per sample [B, D] that summarises the text: SDXL's pooled embedding where there is one, else
         the mean of the token states (what a discriminator head is conditioned on by projection)."""
-        if self.added_cond_kwargs and "text_embeds" in self.added_cond_kwargs:
-            return self.added_cond_kwargs["text_embeds"]
+        for key in ("text_embeds", "pooled_projections"):
+            if self.added_cond_kwargs and key in self.added_cond_kwargs:
+                return self.added_cond_kwargs[key]
         if self.encoder_hidden_states is None:
             raise ValueError("This Cond holds no text embedding to pool (a class- or unconditional model).")
         return self.encoder_hidden_states.mean(dim=1)

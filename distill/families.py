@@ -6,8 +6,9 @@ adaptor's uniform `forward(network, z_t, t_model, cond, timestep_cond)` and a `d
 The network is passed in, so a student (a trained copy, or the same network with LoRA adapters) is called
 exactly as its teacher is.
 
-Adding a family (SD3, FLUX, ...) is one subclass here registered in `FAMILIES`, plus its schedule in
-`distill.schedule`; no other module branches on the family.
+Adding a family is one subclass here registered in `FAMILIES`, plus its schedule in `distill.schedule`; no other
+module branches on the family. The flow-matching transformers (SD3, FLUX) are two such subclasses: what differs
+(the transformer's call, FLUX's 2x2-packed latents and guidance input, where a block's image tokens are) stays here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class Family:
     pipelines: tuple[str, ...] = ()  # diffusers pipeline class names this adaptor serves (and their subclasses)
     network_attr = "unet"
     default_feature_blocks: tuple[str, ...] = ()  # blocks a discriminator reads by default (`Teacher.features`)
+    latent_multiple = 1  # the latent side must be a multiple of this (a transformer's patch, FLUX's packing)
+    embeds_guidance = False  # True: guidance is a network input (guidance-distilled FLUX), not two passes (CFG)
 
     def __init__(self, pipe, source: str, null_class: int | None = None):
         self.pipe, self.source, self.null_class = pipe, source, null_class
@@ -37,6 +40,23 @@ class Family:
     @property
     def is_conditional(self) -> bool:
         return True
+
+    @property
+    def sample_size(self):
+        """The network's native latent side (int or (H, W))."""
+        return self.network.config.sample_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.network.config.in_channels
+
+    def schedule_kwargs(self) -> dict:
+        """What `distill.schedule.schedule_for` needs to know of this pipeline besides its scheduler."""
+        return {}
+
+    def feature_map(self, output, z_t: Tensor) -> Tensor:
+        """A block's output as a feature map [B, C, H_i, W_i] (a UNet block's hidden states, first of a tuple)."""
+        return output[0] if isinstance(output, tuple) else output
 
     def encode(self, prompts: list[str], size: tuple[int, int], device, dtype) -> Cond:
         raise NotImplementedError
@@ -147,7 +167,106 @@ class PixelUNet(Family):
         return network(z_t, t, class_labels=cond.class_labels, return_dict=False)[0]
 
 
-FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, PixelUNet)
+class _Transformer(Family):
+    """Flow-matching transformers: the network is `pipe.transformer`; blocks return (text tokens, image tokens)."""
+
+    network_attr = "transformer"
+
+    def feature_map(self, output, z_t: Tensor) -> Tensor:
+        tokens = output[1] if isinstance(output, tuple) else output  # [B, N, D] image tokens
+        height = z_t.shape[-2] // self.latent_multiple
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, -1)
+
+    @property
+    def default_feature_blocks(self) -> tuple[str, ...]:
+        """Four blocks spread over the depth (LADD reads the teacher's intermediate tokens, Sauer et al. 2024)."""
+        depth = len(self.network.transformer_blocks)
+        return tuple(dict.fromkeys(f"transformer_blocks.{i * (depth - 1) // 3}" for i in range(4)))
+
+
+def _batch_time(t: Tensor, z_t: Tensor) -> Tensor:
+    """Transformers embed one time per sample: a 0-d t becomes [B]."""
+    return t.reshape(-1).expand(len(z_t)) if t.numel() == 1 else t
+
+
+class StableDiffusion3(_Transformer):
+    """SD3 / SD3.5 (MMDiT): token states of CLIP-L, CLIP-G and T5 [B, L, D] and pooled CLIP embeddings [B, 2048];
+    the transformer predicts the flow velocity at timestep sigma * 1000 (`FlowSchedule.model_time`)."""
+
+    name = "sd3"
+    pipelines = ("StableDiffusion3Pipeline",)
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.network.config.patch_size
+
+    def encode(self, prompts, size, device, dtype) -> Cond:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False)
+        return Cond(encoder_hidden_states=embeds.to(dtype), added_cond_kwargs={"pooled_projections": pooled.to(dtype)})
+
+    def negative(self, device, dtype) -> Cond:
+        """The pipeline's own negative: the empty prompt through all encoders (SD3 does not zero it)."""
+        _, negative, _, negative_pooled = self.pipe.encode_prompt(
+            prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True)
+        return Cond(encoder_hidden_states=negative.to(dtype),
+                    added_cond_kwargs={"pooled_projections": negative_pooled.to(dtype)})
+
+    def forward(self, network, z_t, t, cond, timestep_cond=None) -> Tensor:
+        return network(hidden_states=z_t, timestep=_batch_time(t, z_t), encoder_hidden_states=cond.encoder_hidden_states,
+                       pooled_projections=cond.added_cond_kwargs["pooled_projections"], return_dict=False)[0]
+
+
+class Flux(_Transformer):
+    """FLUX.1: T5 token states [B, L, D] and pooled CLIP [B, 768]; latents [B, C, H, W] are packed into 2x2 patches
+    [B, HW/4, 4C] for the transformer and unpacked after, so every other module sees SD-shaped latents. FLUX.1-dev is
+    guidance-distilled: the guidance scale is a network input (`timestep_cond` here), one pass, no CFG."""
+
+    name = "flux"
+    pipelines = ("FluxPipeline",)
+    latent_multiple = 2
+    default_guidance = 3.5  # FluxPipeline's default guidance_scale
+
+    @property
+    def embeds_guidance(self) -> bool:
+        return bool(self.network.config.guidance_embeds)
+
+    @property
+    def sample_size(self) -> int:
+        return self.pipe.default_sample_size  # FluxPipeline's native latent side (128: 1024 px)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.network.config.in_channels // 4
+
+    def schedule_kwargs(self) -> dict:
+        return {"image_seq_len": (self.sample_size // 2) ** 2}  # FLUX's shift grows with the number of patches
+
+    def encode(self, prompts, size, device, dtype) -> Cond:
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+        return Cond(encoder_hidden_states=embeds.to(dtype), added_cond_kwargs={"pooled_projections": pooled.to(dtype)})
+
+    def negative(self, device, dtype) -> Cond:
+        return self.encode([""], None, device, dtype)  # what FluxPipeline's true CFG encodes for no negative prompt
+
+    def forward(self, network, z_t, t, cond, timestep_cond=None) -> Tensor:
+        b, c, h, w = z_t.shape
+        f = self.pipe.vae_scale_factor
+        text = cond.encoder_hidden_states
+        guidance = None
+        if self.embeds_guidance:
+            guidance = timestep_cond if timestep_cond is not None else torch.full((b,), self.default_guidance)
+            guidance = guidance.to(z_t.device, torch.float32)
+        out = network(
+            hidden_states=self.pipe._pack_latents(z_t, b, c, h, w), timestep=_batch_time(t, z_t) / 1000,
+            guidance=guidance, pooled_projections=cond.added_cond_kwargs["pooled_projections"],
+            encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=z_t.device, dtype=z_t.dtype),
+            img_ids=self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, z_t.device, z_t.dtype), return_dict=False,
+        )[0]
+        return self.pipe._unpack_latents(out, h * f, w * f, f)
+
+
+FAMILIES: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, PixelUNet, StableDiffusion3, Flux)
 
 
 def supported_pipelines() -> list[str]:

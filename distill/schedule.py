@@ -22,6 +22,8 @@ Two families:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -132,16 +134,30 @@ class FlowSchedule:
         return torch.as_tensor(t) * self.num_train_timesteps
 
     @classmethod
-    def from_scheduler(cls, scheduler, source: str = "the teacher") -> FlowSchedule:
+    def from_scheduler(cls, scheduler, source: str = "the teacher", image_seq_len: int | None = None) -> FlowSchedule:
+        """The scheduler's static shift, or with `use_dynamic_shifting` (FLUX) the shift its pipeline computes for
+        `image_seq_len` latent patches (`calculate_shift`'s mu: s = e^mu, or mu for a linear time shift)."""
         config = scheduler.config
-        if config.get("use_dynamic_shifting", False):
-            raise ModelError(f"{source} uses a resolution-dependent (dynamic) shift, which distill does not model yet; "
-                             "use a scheduler with use_dynamic_shifting=false.")
-        return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
+        if not config.get("use_dynamic_shifting", False):
+            return cls(config.get("num_train_timesteps", 1000), config.get("shift", 1.0))
+        if image_seq_len is None:
+            raise ModelError(f"{source} uses a resolution-dependent (dynamic) shift and its pipeline gives no native "
+                             "size; use a scheduler with use_dynamic_shifting=false.")
+        mu = _dynamic_mu(config, image_seq_len)
+        shift = mu if config.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+        return cls(config.get("num_train_timesteps", 1000), shift)
 
 
-def schedule_for(scheduler, source: str = "the teacher"):
+def _dynamic_mu(config, image_seq_len: int) -> float:
+    """mu linear in the number of patches, from base_shift at base_image_seq_len to max_shift at max_image_seq_len
+    (diffusers' `calculate_shift`, which FLUX's and SD3's pipelines call)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return base + (top - base) / (max_len - base_len) * (image_seq_len - base_len)
+
+
+def schedule_for(scheduler, source: str = "the teacher", image_seq_len: int | None = None):
     """The schedule object of a diffusers scheduler: flow matching or discrete VP."""
     if "FlowMatch" in type(scheduler).__name__:
-        return FlowSchedule.from_scheduler(scheduler, source)
+        return FlowSchedule.from_scheduler(scheduler, source, image_seq_len)
     return VPSchedule.from_scheduler(scheduler, source)

@@ -61,14 +61,14 @@ class Teacher(torch.nn.Module):
         self.vae = getattr(pipe, "vae", None)
         self.text_encoder = getattr(pipe, "text_encoder", None)
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
-            if module is not None:
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
-        self.schedule = schedule_for(pipe.scheduler, f"the teacher at {self.source}")
+        self.schedule = schedule_for(pipe.scheduler, f"the teacher at {self.source}", **self.family.schedule_kwargs())
         self.prediction_type = self.schedule.prediction_type
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.vae_scale_factor = getattr(pipe, "vae_scale_factor", 1) if self.vae is not None else 1
-        self.sample_size = self.unet.config.sample_size
+        self.sample_size = self.family.sample_size
         self.null_class = null_class
         self._uncond: Cond | None = None
 
@@ -149,10 +149,11 @@ class Teacher(torch.nn.Module):
             resolution = tuple(side) if isinstance(side, (list, tuple)) else (side, side)
             resolution = (resolution[0] * self.vae_scale_factor, resolution[1] * self.vae_scale_factor)
         height, width = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+        multiple = self.vae_scale_factor * self.family.latent_multiple
+        if height % multiple or width % multiple:
             raise ConfigError(
-                f"Resolution {height}x{width} is not a multiple of the VAE's downscale factor "
-                f"{self.vae_scale_factor} for the teacher at {self.source}; pick a multiple of it."
+                f"Resolution {height}x{width} is not a multiple of {multiple} (the VAE's downscale factor times the "
+                f"network's patch) for the teacher at {self.source}; pick a multiple of it."
             )
         return height, width
 
@@ -160,7 +161,7 @@ class Teacher(torch.nn.Module):
         """(C, H, W) of the samples the UNet denoises at `resolution` pixels (default: native size)."""
         height, width = self.resolution(resolution)
         f = self.vae_scale_factor
-        return self.unet.config.in_channels, height // f, width // f
+        return self.family.latent_channels, height // f, width // f
 
     # ------------------------------------------------------------------------------------ conditioning
     def encode_prompt(self, prompts: list[str] | str, resolution: int | tuple[int, int] | None = None) -> Cond:
@@ -241,6 +242,9 @@ class Teacher(torch.nn.Module):
         a float or a [B] tensor; when it is exactly 1 (or the model is unconditional) only the
         conditional pass runs. Returns the same parameterisation as `forward`, [B, C, H, W].
         """
+        if self.family.embeds_guidance:  # guidance-distilled (FLUX.1-dev): the scale is an input, one pass
+            scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=z_t.device).reshape(-1)
+            return self(z_t, t, cond, scale.expand(len(z_t)) if timestep_cond is None else timestep_cond, network)
         if is_unguided(guidance_scale) or not self.is_conditional:
             return self(z_t, t, cond, timestep_cond, network)
         negative = self.family.pair(self.uncond(len(cond)), cond)
@@ -273,8 +277,7 @@ class Teacher(torch.nn.Module):
         found: dict[str, Tensor] = {}
 
         def keep(name):
-            return lambda _module, _inputs, output: found.__setitem__(
-                name, output[0] if isinstance(output, tuple) else output)
+            return lambda _module, _inputs, output: found.__setitem__(name, self.family.feature_map(output, z_t))
 
         handles = [modules[n].register_forward_hook(keep(n)) for n in names]
         try:

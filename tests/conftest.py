@@ -53,3 +53,17 @@ def tiny_unet2d_class_path(tmp_path_factory):
     from distill.tiny import build_tiny_unet2d
 
     return build_tiny_unet2d(tmp_path_factory.mktemp("tiny_unet2d_class") / "pipe", num_class_embeds=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    from distill.tiny_flow import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    from distill.tiny_flow import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "pipe")

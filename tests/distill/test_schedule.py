@@ -71,3 +71,13 @@ def test_flow_previous_and_sample_stay_on_the_unit_interval():
 def test_dynamic_shifting_is_refused_with_a_sentence():
     with pytest.raises(ModelError, match="dynamic"):
         schedule_for(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+
+
+def test_dynamic_shift_is_the_one_fluxs_pipeline_computes_for_that_many_patches():
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    schedule = schedule_for(scheduler, image_seq_len=1024)
+    mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)  # what FluxPipeline does at 4 steps
+    torch.testing.assert_close(schedule.shifted(torch.tensor([1.0, 0.75, 0.5, 0.25])), scheduler.sigmas[:-1].float())
