@@ -78,7 +78,7 @@ def write_bert_tokenizer(folder: str | Path, max_length: int = MAX_TOKENS):
     return tokenizer
 
 
-def _clip_text(tokenizer, projection: bool = False):
+def clip_text_model(tokenizer, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -101,7 +101,7 @@ def _bert_text(tokenizer):
     return BertModel(config).eval()
 
 
-def _vae():
+def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED + 3)
@@ -134,7 +134,7 @@ def build_tiny_sd(path: str | Path, prediction_type: str = "epsilon", text_encod
     path = Path(path)
     if text_encoder == "clip":
         tokenizer = write_clip_tokenizer(path / "_tokenizer")
-        encoder = _clip_text(tokenizer)
+        encoder = clip_text_model(tokenizer)
     elif text_encoder == "bert":
         tokenizer = write_bert_tokenizer(path / "_tokenizer")
         encoder = _bert_text(tokenizer)
@@ -146,10 +146,10 @@ def build_tiny_sd(path: str | Path, prediction_type: str = "epsilon", text_encod
     )
     scheduler = PNDMScheduler(**SCHEDULER, skip_prk_steps=True, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return _save(pipe, path)
+    return save_pipeline(pipe, path)
 
 
 def build_tiny_sdxl(path: str | Path, prediction_type: str = "epsilon") -> Path:
@@ -174,10 +174,10 @@ def build_tiny_sdxl(path: str | Path, prediction_type: str = "epsilon") -> Path:
     sched = {k: v for k, v in SCHEDULER.items() if k != "set_alpha_to_one"}
     scheduler = EulerDiscreteScheduler(**sched, prediction_type=prediction_type, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=_clip_text(tokenizer), text_encoder_2=_clip_text(tokenizer, projection=True),
+        vae=tiny_vae(), text_encoder=clip_text_model(tokenizer), text_encoder_2=clip_text_model(tokenizer, projection=True),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False,
     )
-    return _save(pipe, path)
+    return save_pipeline(pipe, path)
 
 
 def build_tiny_unet2d(path: str | Path, num_class_embeds: int | None = None, prediction_type: str = "epsilon") -> Path:
@@ -195,10 +195,10 @@ def build_tiny_unet2d(path: str | Path, num_class_embeds: int | None = None, pre
         norm_num_groups=GROUPS, attention_head_dim=8, num_class_embeds=num_class_embeds,
     ).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type=prediction_type)
-    return _save(DDPMPipeline(unet=unet, scheduler=scheduler), Path(path))
+    return save_pipeline(DDPMPipeline(unet=unet, scheduler=scheduler), Path(path))
 
 
-def _save(pipe, path: Path) -> Path:
+def save_pipeline(pipe, path: Path) -> Path:
     """save_pretrained, plus the plain vocab files next to tokenizer.json so older transformers load them too."""
     import shutil
 

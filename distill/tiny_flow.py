@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distill.tiny import SEED, TEXT_DIM, _clip_text, _save, _vae, write_clip_tokenizer
+from distill.tiny import SEED, TEXT_DIM, clip_text_model, save_pipeline, tiny_vae, write_clip_tokenizer
 
 T5_DIM = 2 * TEXT_DIM  # SD3 pads the concatenated CLIP states up to the T5 width (joint_attention_dim)
 T5_TOKENS = 32  # max_sequence_length the tiny pipelines are called with
@@ -46,7 +46,7 @@ def _t5(tokenizer):
 
 def _flow_vae():
     """The tiny VAE with SD3/FLUX's latent shift written out (their pipelines add `shift_factor` unconditionally)."""
-    vae = _vae()
+    vae = tiny_vae()
     vae.register_to_config(shift_factor=0.1, scaling_factor=0.9)
     return vae
 
@@ -66,8 +66,8 @@ def build_tiny_sd3(path: str | Path) -> Path:
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),
-        text_encoder=_clip_text(clip, projection=True), tokenizer=clip,
-        text_encoder_2=_clip_text(clip, projection=True), tokenizer_2=clip,
+        text_encoder=clip_text_model(clip, projection=True), tokenizer=clip,
+        text_encoder_2=clip_text_model(clip, projection=True), tokenizer_2=clip,
         text_encoder_3=_t5(t5), tokenizer_3=t5,
     )
     return _save_flow(pipe, path)
@@ -89,7 +89,7 @@ def build_tiny_flux(path: str | Path) -> Path:
         shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
         max_shift=1.15)
     pipe = FluxPipeline(
-        transformer=transformer, scheduler=scheduler, vae=_flow_vae(), text_encoder=_clip_text(clip), tokenizer=clip,
+        transformer=transformer, scheduler=scheduler, vae=_flow_vae(), text_encoder=clip_text_model(clip), tokenizer=clip,
         text_encoder_2=_t5(t5), tokenizer_2=t5,
     )
     return _save_flow(pipe, path)
@@ -98,6 +98,6 @@ def build_tiny_flux(path: str | Path) -> Path:
 def _save_flow(pipe, path: Path) -> Path:
     import shutil
 
-    _save(pipe, path)
+    save_pipeline(pipe, path)
     shutil.rmtree(path / "_t5", ignore_errors=True)
     return path
