@@ -16,7 +16,7 @@ from pathlib import Path
 from distill.errors import ConfigError
 
 MIN_FREE_MB = 100  # a report, a LoRA, logs and sample grids; a full student's checkpoints need more (the UNet's size)
-TEACHER_WRITERS = {"teacher"}  # recipes whose `teacher` key is where they write a teacher, not one they read
+TEACHER_WRITERS = {"teacher", "teacher_sd3"}  # recipes whose `teacher` key is where they write a teacher, not one they read
 
 
 def _existing(path: Path) -> Path:
@@ -83,9 +83,9 @@ def check_train(cfg) -> None:
         from distill.teacher import check_pipeline
 
         check_pipeline(cfg.teacher)
-        need_mb = max(need_mb, folder_mb(Path(cfg.teacher) / "unet"))
+        need_mb = max(need_mb, *(folder_mb(Path(cfg.teacher) / name) for name in ("unet", "transformer")))
     check_free_space(cfg.output_dir, need_mb, "output_dir",
-                     "a run (its checkpoints and student can be as large as the teacher's UNet)")
+                     "a run (its checkpoints and student can be as large as the teacher's denoiser)")
     _check_data(getattr(cfg, "data", None))
 
 

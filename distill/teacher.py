@@ -103,6 +103,9 @@ class Teacher(torch.nn.Module):
             kwargs["use_safetensors"] = True
         if "safety_checker" in config:
             kwargs.update(safety_checker=None, requires_safety_checker=False)
+        # A component saved as null (an SD3 without T5) must be passed as None, or from_pretrained refuses the folder.
+        kwargs.update({name: None for name, value in config.items()
+                       if not name.startswith("_") and isinstance(value, (list, tuple)) and value[0] is None})
         try:
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as err:  # the library raises OSError, ValueError, SafetensorError, ... for bad folders

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from distill.errors import ConfigError
 
-RECIPES = {"add": "recipes.add", "lcm": "recipes.lcm", "teacher": "recipes.teacher"}
+RECIPES = {"add": "recipes.add", "lcm": "recipes.lcm", "teacher": "recipes.teacher", "teacher_sd3": "recipes.teacher_sd3"}
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
