@@ -53,8 +53,15 @@ class DDIMSolver:
         return self.schedule.add_noise(x0, eps, self.end(index).to(x0.device))
 
 
-def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0) -> tuple[Tensor, Tensor]:
-    """(c_skip, c_out) at timesteps t [B] as float32 [B] (see the module docstring; LCM Eq. 9 / LCMScheduler)."""
+def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0,
+                      schedule=None) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) at timesteps t [B] as float32 [B] (see the module docstring; LCM Eq. 9 / LCMScheduler).
+
+    On a schedule without `consistency_boundary` (flow matching: x0 = z_t - sigma u is already z at sigma = 0, and
+    FlowMatchLCMScheduler scales nothing) they are (0, 1): f is the network's own x0."""
+    if schedule is not None and not schedule.consistency_boundary:
+        t = torch.as_tensor(t).float()
+        return torch.zeros_like(t), torch.ones_like(t)
     scaled = torch.as_tensor(t).float() * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
@@ -62,10 +69,10 @@ def boundary_scalings(t: Tensor, sigma_data: float = 0.5, timestep_scaling: floa
 
 
 def consistency_output(
-    z_t: Tensor, x0: Tensor, t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0
+    z_t: Tensor, x0: Tensor, t: Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0, schedule=None
 ) -> Tensor:
     """f(z_t, t) = c_skip(t) z_t + c_out(t) x0: the parameterised consistency function, [B, ...]."""
-    c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scaling)
+    c_skip, c_out = boundary_scalings(t, sigma_data, timestep_scaling, schedule)
     shape = (-1,) + (1,) * (z_t.ndim - 1)
     c_skip, c_out = c_skip.to(z_t.device).reshape(shape), c_out.to(z_t.device).reshape(shape)
     return c_skip * z_t + c_out * x0
@@ -77,20 +84,27 @@ def inference_timesteps(num_inference_steps: int, original_steps: int = 50, num_
     The same schedule as LCMScheduler.set_timesteps(num_inference_steps, original_inference_steps=N),
     so that the toolkit's sampler and a plain diffusers pipeline visit the same t.
     """
-    if not 1 <= num_inference_steps <= original_steps:
-        raise ValueError(f"num_inference_steps must be in [1, {original_steps}], got {num_inference_steps}.")
-    k = num_train_timesteps // original_steps
-    grid = (torch.arange(1, original_steps + 1) * k - 1).flip(0)
-    index = torch.floor(torch.arange(num_inference_steps, dtype=torch.float64) * original_steps / num_inference_steps)
-    return grid[index.long()]
+    from distill.schedule import VPSchedule
+
+    schedule = VPSchedule(torch.zeros(num_train_timesteps))  # only its grid is used
+    return schedule.consistency_times(num_inference_steps, original_steps)
 
 
 def lcm_sampler(num_ddim_timesteps: int, timestep_scaling: float, prediction_type: str, guidance_scale: float,
-                steps: list[int] | None = None) -> SamplerSpec:
-    """LCMScheduler on the teacher's noise schedule with the N and timestep scaling the student was trained with.
+                steps: list[int] | None = None, schedule=None, times: dict | None = None) -> SamplerSpec:
+    """The consistency sampler of the teacher's schedule (`schedule.lcm_scheduler`, default LCMScheduler) with the N
+    and timestep scaling the student was trained with.
 
-    Clipping and thresholding are off: the training targets were never clipped.
+    LCMScheduler: clipping and thresholding are off (the training targets were never clipped). FlowMatchLCMScheduler
+    takes its shift from the teacher's scheduler config; `times` ({steps: sigmas [steps]}) pins the sigmas of each
+    step count (a student trained on its own grid, as ADD's), which the pipeline is then called with.
     """
+    name = schedule.lcm_scheduler if schedule is not None else "LCMScheduler"
+    if name != "LCMScheduler":
+        # the pipeline shifts the sigmas it is given: store the unshifted ones, so it visits exactly these
+        sigmas = {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()} if times else None
+        return SamplerSpec(scheduler=name, guidance_scale=float(guidance_scale), steps=list(steps or [1, 2, 4, 8]),
+                           sigmas=sigmas)
     return SamplerSpec(
         scheduler="LCMScheduler", guidance_scale=float(guidance_scale),
         config=dict(original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling,

@@ -73,7 +73,7 @@ def _export_full(source: Path, out: Path, info: StudentInfo) -> None:
 
     pipe = Teacher.from_pretrained(info.teacher).pipe
     try:
-        pipe.unet = type(pipe.unet).from_pretrained(str(source / info.weights))
+        setattr(pipe, info.network, type(getattr(pipe, info.network)).from_pretrained(str(source / info.weights)))
     except Exception as err:  # OSError, ValueError, SafetensorError, ...
         raise ModelError(f"The student network in {source / info.weights} is missing or corrupt ({err}); "
                          "export another checkpoint.") from err

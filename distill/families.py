@@ -54,6 +54,10 @@ class Family:
         """What `distill.schedule.schedule_for` needs to know of this pipeline besides its scheduler."""
         return {}
 
+    def call_kwargs(self) -> dict:
+        """Arguments a plain `pipe(...)` call needs to condition as `encode` does (none for most pipelines)."""
+        return {}
+
     def feature_map(self, output, z_t: Tensor) -> Tensor:
         """A block's output as a feature map [B, C, H_i, W_i] (a UNet block's hidden states, first of a tuple)."""
         return output[0] if isinstance(output, tuple) else output
@@ -200,15 +204,26 @@ class StableDiffusion3(_Transformer):
     def latent_multiple(self) -> int:
         return self.network.config.patch_size
 
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens: the pipeline's 256, or without T5 as many zero tokens as CLIP's length (the emoji SD3 was
+        trained so; the transformer attends over every appended zero token, so their count matters)."""
+        return 256 if self.pipe.text_encoder_3 is not None else self.pipe.tokenizer_max_length
+
+    def call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
     def encode(self, prompts, size, device, dtype) -> Cond:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False)
+            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length)
         return Cond(encoder_hidden_states=embeds.to(dtype), added_cond_kwargs={"pooled_projections": pooled.to(dtype)})
 
     def negative(self, device, dtype) -> Cond:
         """The pipeline's own negative: the empty prompt through all encoders (SD3 does not zero it)."""
         _, negative, _, negative_pooled = self.pipe.encode_prompt(
-            prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True)
+            prompt=[""], prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
+            max_sequence_length=self.max_sequence_length)
         return Cond(encoder_hidden_states=negative.to(dtype),
                     added_cond_kwargs={"pooled_projections": negative_pooled.to(dtype)})
 

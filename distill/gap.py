@@ -74,7 +74,7 @@ def student_one_step(student, z_t: Tensor, t: float | Tensor, cond, guidance_sca
     t_batch = torch.as_tensor(t, device=z_t.device).reshape(1).repeat(len(z_t))
     out = student.guided(z_t.to(student.dtype), t_batch, cond, guidance_scale, timestep_cond=timestep_cond)
     x0, _ = student.to_x0_eps(out.float(), z_t.float(), t_batch)
-    return consistency_output(z_t.float(), x0, t_batch, sigma_data, timestep_scaling)
+    return consistency_output(z_t.float(), x0, t_batch, sigma_data, timestep_scaling, student.schedule)
 
 
 def consistency_gap(student_x0: Tensor, teacher_x0: Tensor) -> Tensor:

@@ -28,11 +28,15 @@ class SamplerSpec:
     guidance_scale: float = 1.0  # what to pass to the pipeline (1: no CFG pass)
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the step counts it was made for
     timesteps: list[int] | None = None  # fixed timesteps a method samples at (passed to the pipeline), if any
+    sigmas: dict[str, list[float]] | None = None  # per step count, the pipeline's `sigmas=` for a flow student
+    #   (before the scheduler's shift): an ADD student's own grid, which FlowMatchLCMScheduler's spacing would miss
 
     @property
     def max_steps(self) -> int | None:
         """The most steps it can take: an LCMScheduler only walks its grid of `original_inference_steps` (N) points
         (an ADD student's 4 timesteps have no 8-step schedule); None for samplers without such a limit."""
+        if self.sigmas:
+            return max(int(k) for k in self.sigmas)
         if self.scheduler != "LCMScheduler":
             return None
         return int(self.config.get("original_inference_steps", 50))  # LCMScheduler's own default
@@ -40,7 +44,7 @@ class SamplerSpec:
     def check_steps(self, steps, what: str) -> None:
         """A ConfigError naming the step counts above `max_steps`, before anything is generated."""
         limit = self.max_steps
-        over = [s for s in steps if limit is not None and s > limit]
+        over = [s for s in steps if (limit is not None and s > limit) or (self.sigmas and str(s) not in self.sigmas)]
         if over:
             raise ConfigError(f"{what} cannot take {', '.join(map(str, over))} steps: its sampler ({self.scheduler}) "
                               f"walks a grid of N = {limit} timesteps; ask for at most {limit} steps.")
@@ -72,6 +76,7 @@ class StudentInfo:
     details: dict = field(default_factory=dict)  # the method's own settings (e.g. LCM's N, omega range)
     feature_network: str | None = None  # what a discriminator saw, for adversarial methods
     training: dict | None = None  # what making it cost (steps, minutes, device, device_hours, samples_seen), if known
+    network: str = "unet"  # the pipeline's denoiser attribute and folder: "unet", or "transformer" (SD3, FLUX)
 
     @property
     def guidance_scale(self) -> float:
@@ -80,7 +85,7 @@ class StudentInfo:
     @property
     def weights(self) -> str:
         """Where the shipped weights lie in the student's folder."""
-        return LORA_WEIGHTS if self.kind == "lora" else "unet"
+        return LORA_WEIGHTS if self.kind == "lora" else self.network
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / INFO_FILE

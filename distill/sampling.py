@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distill.consistency import consistency_output, inference_timesteps
+from distill.consistency import consistency_output
 from distill.errors import ConfigError, ModelError
+from distill.families import family_class
 from distill.images import check_image_path, save_grid
 from distill.info import INFO_FILE, LORA_WEIGHTS, StudentInfo
 from distill.runs import student_folder
@@ -31,24 +32,26 @@ from distill.weights import check_components, check_student_weights
 def lcm_sample(
     student, teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, guidance_scale: float = 1.0,
     original_steps: int = 50, timestep_scaling: float = 10.0, resolution: int | None = None,
+    times: dict | None = None,
 ) -> Tensor:
     """Images [B, 3, H, W] in about [-1, 1] from a `distill.student.Student` for the B conditions in `cond`.
 
     A student with a guidance input (full LCM) gets omega = guidance_scale - 1 as that input; one without (a LoRA)
-    gets classifier-free guidance when guidance_scale != 1, as a pipeline does.
+    gets classifier-free guidance when guidance_scale != 1, as a pipeline does. times: {steps: the schedule times
+    to visit} for a student trained on its own grid (ADD); default the schedule's consistency sampler's.
     """
     device, batch = teacher.device, len(cond)
     z = torch.randn((batch, *teacher.latent_shape(resolution)), generator=generator).to(device)
-    timesteps = inference_timesteps(steps, original_steps, teacher.num_train_timesteps)
+    timesteps = times[steps] if times else teacher.schedule.consistency_times(steps, original_steps)
     for i, t in enumerate(timesteps.tolist()):
-        t_batch = torch.full((batch,), t, device=device, dtype=torch.long)
+        t_batch = torch.full((batch,), t, device=device, dtype=timesteps.dtype)
         if student.guidance_dim:  # a full student may be held in another dtype than the teacher
             dtype = student.network.dtype
             out = student(z.to(dtype), t_batch, cond.to(dtype=dtype), torch.full((batch,), guidance_scale - 1.0))
         else:
             out = teacher.guided(z, t_batch, cond, guidance_scale, network=student.network)
         x0, _ = teacher.to_x0_eps(out.float(), z.float(), t_batch)
-        z = consistency_output(z.float(), x0, t_batch, timestep_scaling=timestep_scaling)
+        z = consistency_output(z.float(), x0, t_batch, timestep_scaling=timestep_scaling, schedule=teacher.schedule)
         if i + 1 < len(timesteps):
             noise = torch.randn(z.shape, generator=generator).to(device)
             z = teacher.add_noise(z, noise, torch.full((batch,), timesteps[i + 1].item(), device=device))
@@ -92,7 +95,9 @@ def load_student_pipeline(source: str | Path, teacher_pipe=None, device: str | t
                              f"({str(err).strip().splitlines()[0][:160]}); re-export it, or load it with the "
                              "model it was trained on.") from err
     else:
-        pipe.unet = type(pipe.unet).from_pretrained(str(folder / info.weights)).to(pipe.device, pipe.unet.dtype)
+        network = getattr(pipe, info.network)
+        setattr(pipe, info.network, type(network).from_pretrained(str(folder / info.weights)).to(pipe.device,
+                                                                                                  network.dtype))
     pipe.scheduler = info.sampler.build(pipe.scheduler.config)
     return pipe, info
 
@@ -108,10 +113,15 @@ def _no_safety(folder: Path) -> dict:
     return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
 
 
-def _images(pipe, prompts, steps, seed, guidance_scale) -> list:
+def _images(pipe, prompts, steps, seed, guidance_scale, sigmas: list[float] | None = None) -> list:
     pipe.set_progress_bar_config(disable=True)
+    torch.manual_seed(seed)  # SD3's pipeline draws its consistency sampler's re-noising from the global generator
     generator = torch.Generator().manual_seed(seed)
-    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images
+    extra = family_class(type(pipe), "the pipeline")(pipe, "the pipeline").call_kwargs()
+    if sigmas:  # a flow student's own grid (its sampler spec), not the scheduler's spacing
+        extra["sigmas"] = sigmas
+    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                **extra).images
 
 
 def sample_grid(
@@ -149,7 +159,8 @@ def sample_grid(
     else:
         pipe, info = load_student_pipeline(source, teacher_pipe, device)
         scale = info.guidance_scale if guidance_scale is None else guidance_scale
-    columns = [_images(pipe, prompts, s, seed, scale) for s in steps]
+    sigmas = (info.sampler.sigmas or {}) if info is not None else {}
+    columns = [_images(pipe, prompts, s, seed, scale, sigmas.get(str(s))) for s in steps]
     names = [f"{name}@{s}" for s in steps]
     if teacher_column is not None:
         columns.append(teacher_column)

@@ -7,7 +7,8 @@ Every solver, loss and sampler in distill sees a teacher's schedule only through
 - `add_noise(x0, eps, t)`: that forward process.
 - `grid(n)`: n solver times, ascending (the skipping-step grid of consistency distillation; t_{n+k} values).
 - `sample(batch, generator)`: training times t ~ the family's training distribution.
-- `model_time(t)`: what the network's timestep input is at t (the family's units).
+- `model_time(t)`: what the network's timestep input is at t (the family's units); `from_model_time` inverts it
+  (a diffusers scheduler's `timesteps` are in those units).
 - `prediction_type`: what the network predicts (`distill.prediction` turns it into x0 and eps).
 - `num_train_timesteps`, `t_max` (the noisiest time on the grid).
 
@@ -38,6 +39,8 @@ class VPSchedule:
     """Discrete variance-preserving schedule over T integer timesteps, from abar_t [T]."""
 
     family = "vp"
+    consistency_boundary = True  # LCM's c_skip / c_out make f(z, 0) = z (the network's x0 alone would not)
+    lcm_scheduler = "LCMScheduler"  # the diffusers scheduler that samples a consistency student on this schedule
 
     def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon"):
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32).detach().clone()
@@ -73,6 +76,19 @@ class VPSchedule:
     def model_time(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t)
 
+    def from_model_time(self, timestep: Tensor) -> Tensor:
+        """The schedule's t of a diffusers scheduler's timestep (the network's units): the integer t itself."""
+        return torch.as_tensor(timestep).round().long()
+
+    def consistency_times(self, steps: int, n: int) -> Tensor:
+        """The times a consistency student samples at, descending [steps]: evenly spaced indices into the n-point
+        grid, as `LCMScheduler.set_timesteps(steps, original_inference_steps=n)` (long)."""
+        if not 1 <= steps <= n:
+            raise ValueError(f"num_inference_steps must be in [1, {n}], got {steps}.")
+        grid = self.grid(n).flip(0)
+        index = torch.floor(torch.arange(steps, dtype=torch.float64) * n / steps)
+        return grid[index.long()]
+
     @classmethod
     def from_scheduler(cls, scheduler, source: str = "the teacher") -> VPSchedule:
         """abar_t from a diffusers scheduler, or from a DDPM scheduler built on its beta config."""
@@ -94,6 +110,8 @@ class FlowSchedule:
 
     family = "flow"
     prediction_type = "flow_prediction"
+    consistency_boundary = False  # x0 = z_t - sigma u already gives f(z, 0) = z; FlowMatchLCMScheduler scales nothing
+    lcm_scheduler = "FlowMatchLCMScheduler"
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
         self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
@@ -102,6 +120,12 @@ class FlowSchedule:
     def shifted(self, sigma: Tensor) -> Tensor:
         """sigma' = s sigma / (1 + (s - 1) sigma) (FlowMatchEulerDiscreteScheduler's static shift)."""
         return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def unshifted(self, sigma: Tensor) -> Tensor:
+        """The inverse of `shifted`, u = sigma / (s - (s - 1) sigma): what to pass a FlowMatch scheduler's
+        `set_timesteps(sigmas=...)` (or a pipeline's `sigmas=`) for it to visit these sigmas after its shift."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return sigma / (self.shift - (self.shift - 1) * sigma)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         sigma = torch.as_tensor(t, dtype=torch.float32).reshape(-1)
@@ -132,6 +156,17 @@ class FlowSchedule:
 
     def model_time(self, t: Tensor) -> Tensor:
         return torch.as_tensor(t) * self.num_train_timesteps
+
+    def from_model_time(self, timestep: Tensor) -> Tensor:
+        """sigma = timestep / T: a FlowMatch scheduler's `timesteps` (and `sigma * T` configs) back to sigma."""
+        return torch.as_tensor(timestep, dtype=torch.float32) / self.num_train_timesteps
+
+    def consistency_times(self, steps: int, n: int | None = None) -> Tensor:
+        """The sigmas `FlowMatchLCMScheduler.set_timesteps(steps)` visits, descending [steps]. They lie on an n-point
+        training grid when (n - 1) is a multiple of (steps - 1): with n = 10, at 1, 2 and 4 steps."""
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {steps}.")
+        return self.grid(steps).flip(0)
 
     @classmethod
     def from_scheduler(cls, scheduler, source: str = "the teacher", image_seq_len: int | None = None) -> FlowSchedule:

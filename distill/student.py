@@ -89,10 +89,11 @@ class FullStudent(Student):
         return FullStudent(self.teacher, network=copy.deepcopy(self.network).requires_grad_(False))
 
     def save_weights(self, folder: Path) -> None:
-        self.network.save_pretrained(Path(folder) / "unet", safe_serialization=True)
+        """The network in the pipeline's own sub-folder (`unet/`, or `transformer/` for SD3 and FLUX)."""
+        self.network.save_pretrained(Path(folder) / self.teacher.family.network_attr, safe_serialization=True)
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved = type(self.network).from_pretrained(str(Path(folder) / "unet"))
+        saved = type(self.network).from_pretrained(str(Path(folder) / self.teacher.family.network_attr))
         self.network.load_state_dict(saved.state_dict())
 
 
@@ -166,9 +167,10 @@ class LoraStudent(Student):
         # them as they are; `convert_state_dict_to_diffusers` would rename only the attention projections, and
         # diffusers 0.42 decides from the first key whether to convert back (tests/distill/test_export.py).
         state = get_peft_model_state_dict(self.network, adapter_name=self.adapter_name)
-        type(self.teacher.pipe).save_lora_weights(
-            folder, unet_lora_layers=state, safe_serialization=True,
-            unet_lora_adapter_metadata=self.network.peft_config[self.adapter_name].to_dict())
+        name = self.teacher.family.network_attr  # the pipeline's argument names: unet_... or transformer_...
+        type(self.teacher.pipe).save_lora_weights(folder, safe_serialization=True, **{
+            f"{name}_lora_layers": state,
+            f"{name}_lora_adapter_metadata": self.network.peft_config[self.adapter_name].to_dict()})
         return folder / LORA_WEIGHTS
 
     def load_checkpoint(self, folder: Path) -> None:
@@ -176,8 +178,10 @@ class LoraStudent(Student):
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft import set_peft_model_state_dict
 
-        state, _ = type(self.teacher.pipe).lora_state_dict(str(folder))
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        state = type(self.teacher.pipe).lora_state_dict(str(folder))
+        state = state[0] if isinstance(state, tuple) else state  # the UNet pipelines also return alphas
+        prefix = self.teacher.family.network_attr + "."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         result = set_peft_model_state_dict(self.network, convert_unet_state_dict_to_peft(state),
                                            adapter_name=self.adapter_name)
         if getattr(result, "unexpected_keys", None):
@@ -187,14 +191,18 @@ class LoraStudent(Student):
 def build_full_network(teacher_network, time_cond_proj_dim: int | None = 256):
     """A float32 trainable copy of the teacher's UNet with a guidance-scale input of `time_cond_proj_dim` dims.
 
-    A teacher that already has `time_cond_proj_dim` (an LCM, say) keeps its own; None copies it as it is. The new
-    input projection (`time_embedding.cond_proj`) is zero-initialised, so the copy reproduces the teacher.
+    A teacher that already has `time_cond_proj_dim` (an LCM, say) keeps its own; None copies it as it is (any
+    network: a transformer student then has its guidance baked in, as a LoRA's is). The new input projection
+    (`time_embedding.cond_proj`) is zero-initialised, so the copy reproduces the teacher.
     """
     from diffusers import UNet2DConditionModel
 
+    if time_cond_proj_dim is None and not isinstance(teacher_network, UNet2DConditionModel):
+        return copy.deepcopy(teacher_network).float().train().requires_grad_(True)
     if not isinstance(teacher_network, UNet2DConditionModel):
         raise ModelError(f"A full student with a guidance input needs a UNet2DConditionModel teacher, not a "
-                         f"{type(teacher_network).__name__}; use a Stable Diffusion or SDXL pipeline as the teacher.")
+                         f"{type(teacher_network).__name__}; set student.time_cond_proj_dim=null (the guidance is "
+                         "then baked in), or use a Stable Diffusion or SDXL teacher.")
     own = teacher_network.config.time_cond_proj_dim
     student = UNet2DConditionModel.from_config(teacher_network.config, time_cond_proj_dim=own or time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(teacher_network.state_dict(), strict=False)

@@ -25,15 +25,32 @@ DEFAULT_BASELINES = (
     "EulerDiscreteScheduler:timestep_spacing=trailing@3",
     "LCMScheduler@1",
 )
-SHORT = {"DDIMScheduler": "DDIM", "DPMSolverMultistepScheduler": "DPM++2M", "UniPCMultistepScheduler": "UniPC",
+# A flow-matching teacher (SD3, FLUX) has its own training-free samplers: Euler on the flow ODE (its stock one),
+# DPM-Solver++ and UniPC on flow sigmas (their shift set to the teacher's), and the consistency-style sampler
+# (x0, then re-noise) that a flow student ships with. `defaults_for` picks the list by the teacher's schedule.
+FLOW_BASELINES = (
+    "FlowMatchEulerDiscreteScheduler@2,3",
+    "DPMSolverMultistepScheduler:use_flow_sigmas=true,prediction_type=flow_prediction@2,3",
+    "UniPCMultistepScheduler:use_flow_sigmas=true,prediction_type=flow_prediction@3",
+    "FlowMatchLCMScheduler@1",
+)
+SHORT = {"DDIMScheduler": "DDIM", "FlowMatchEulerDiscreteScheduler": "FlowEuler", "FlowMatchLCMScheduler": "FlowLCM", "DPMSolverMultistepScheduler": "DPM++2M", "UniPCMultistepScheduler": "UniPC",
          "EulerDiscreteScheduler": "Euler", "LCMScheduler": "LCM", "EulerAncestralDiscreteScheduler": "EulerA",
          "DPMSolverSinglestepScheduler": "DPM++S", "DEISMultistepScheduler": "DEIS", "PNDMScheduler": "PNDM"}
+
+
+def defaults_for(family: str, baselines: list[str]) -> list[str]:
+    """The sweep to run for a teacher of this schedule family: the flow list in place of the untouched VP default."""
+    if family == "flow" and list(baselines) == list(DEFAULT_BASELINES):
+        return list(FLOW_BASELINES)
+    return list(baselines)
 
 
 def baseline_name(spec: BaselineSpec, guidance: float) -> str:
     """A short, unique row name: teacher[DDIM-trailing,cfg2]."""
     short = SHORT.get(spec.scheduler, spec.scheduler.removesuffix("Scheduler"))
-    extra = "".join(f"-{v}" if k == "timestep_spacing" else f"-{k}={v}" for k, v in spec.config.items())
+    extra = "".join(f"-{v}" if k == "timestep_spacing" else f"-{k}={v}" for k, v in spec.config.items()
+                    if k not in ("use_flow_sigmas", "prediction_type"))  # what every flow row says
     how = f"cfg{guidance:g}" if guidance > 1 else "no-cfg"
     return f"teacher[{short}{extra},{how}]"
 
@@ -54,7 +71,8 @@ def control_candidate(model, source: str, student: models.Candidate) -> models.C
     guidance = student.guidance_scale
     cand = models.Candidate(f"control[{student.name}]", "teacher", "teacher", source, model,
                             student.scheduler_cls, dict(student.scheduler_config), guidance,
-                            f"control: the untrained teacher sampled as {student.name} is", {"control_of": student.name})
+                            f"control: the untrained teacher sampled as {student.name} is", {"control_of": student.name},
+                            sigmas=student.sigmas)
     return cand
 
 

@@ -24,6 +24,10 @@ import torch
 from distill.errors import ConfigError, ModelError
 from distill.teacher import Cond, Teacher, dtype_kwarg
 
+# The single few-step baseline when the sweep is off: trailing DDIM on the VP schedule, the stock Euler on flow.
+PLAIN = {"vp": ("DDIMScheduler", {"timestep_spacing": "trailing"}, "DDIM with trailing timesteps"),
+         "flow": ("FlowMatchEulerDiscreteScheduler", {}, "Euler on the flow ODE")}
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIVERSITY_STREAM = 1 << 31  # seeds of the per-prompt diversity samples never meet those of the main set
 
@@ -42,6 +46,7 @@ class Candidate:
     guidance_scale: float
     description: str
     metadata: dict = field(default_factory=dict)
+    sigmas: dict | None = None  # {str(steps): sigmas} a flow student samples at (its sampler spec), if pinned
 
     @property
     def guidance_input(self) -> bool:
@@ -51,11 +56,14 @@ class Candidate:
     @property
     def cfg(self) -> bool:
         """Classifier-free guidance runs (two UNet passes a step), as StableDiffusionPipeline decides it."""
-        return self.guidance_scale > 1 and not self.guidance_input and self.model.is_conditional
+        return (self.guidance_scale > 1 and not self.guidance_input and self.model.is_conditional
+                and not self.model.family.embeds_guidance)  # FLUX.1-dev: guidance is an input, one pass
 
     def supports(self, steps: int) -> bool:
         """Whether its scheduler can take this many steps: an LCMScheduler only up to its `original_inference_steps`
         (an ADD student's grid of 4 timesteps has no 8-step schedule)."""
+        if self.sigmas:
+            return str(steps) in self.sigmas
         limit = self.scheduler_config.get("original_inference_steps") if self.scheduler_cls.__name__ == "LCMScheduler" else None
         return limit is None or steps <= limit
 
@@ -110,8 +118,9 @@ def load_teacher(source: str, device: str, dtype: torch.dtype, guidance_scale: f
     usual = Candidate("teacher", "teacher", "teacher", source, model, type(own), dict(own.config), scale,
                       f"teacher, its own {type(own).__name__}", {"class": type(model.pipe).__name__})
     base_scale = scale if baseline_guidance is None else float(baseline_guidance)
-    baseline = teacher_candidate(model, source, "DDIMScheduler", {"timestep_spacing": "trailing"}, base_scale,
-                                 "teacher", "teacher, DDIM with trailing timesteps (no distillation)")
+    name, settings, what = PLAIN[model.schedule.family]
+    baseline = teacher_candidate(model, source, name, settings, base_scale, "teacher",
+                                 f"teacher, {what} (no distillation)")
     return usual, baseline
 
 
@@ -121,6 +130,8 @@ def teacher_candidate(model: Teacher, source: str, scheduler: str, settings: dic
     import diffusers
 
     cls = getattr(diffusers, scheduler)
+    if settings.get("use_flow_sigmas") and "flow_shift" not in settings:  # DPM-Solver/UniPC on the teacher's shift
+        settings = {**settings, "flow_shift": model.schedule.shift}
     config = dict(cls.from_config(model.scheduler.config, **settings).config)
     config.update(settings)
     if "clip_sample" in config and model.vae is not None:
@@ -172,7 +183,7 @@ def load_student(source: str, teacher_source: str, device: str, dtype: torch.dty
                 "adapter_mb": adapter_mb, "training": info.training or _run_training(path)}
     scheduler = pipe.scheduler
     return Candidate(_name(path), "student", kind, str(path), model, type(scheduler), dict(scheduler.config),
-                     float(info.guidance_scale), what, metadata)
+                     float(info.guidance_scale), what, metadata, sigmas=info.sampler.sigmas)
 
 
 def _bare_lora(path: Path) -> bool:
@@ -183,7 +194,8 @@ def _bare_lora(path: Path) -> bool:
 
 def _fuse(pipe) -> float:
     """Fuse the loaded LoRA into the weights (deployment form); returns the adapter's size in MiB."""
-    adapter_mb = sum(p.numel() * p.element_size() for n, p in pipe.unet.named_parameters() if "lora_" in n) / 2**20
+    network = getattr(pipe, "unet", None) or pipe.transformer
+    adapter_mb = sum(p.numel() * p.element_size() for n, p in network.named_parameters() if "lora_" in n) / 2**20
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     return round(adapter_mb, 3)
@@ -302,14 +314,17 @@ def denoise(candidate: Candidate, steps: int, cond: Cond, noise: torch.Tensor,
     if hasattr(candidate, "spec"):  # a cascade: the student drafts, the teacher refines
         return candidate.denoise(steps, cond, noise, generators)
     model, scheduler = candidate.model, candidate.scheduler()
-    scheduler.set_timesteps(steps, device=model.device)
-    z = (noise.to(model.device) * scheduler.init_noise_sigma).to(model.dtype)
+    if candidate.sigmas:
+        scheduler.set_timesteps(sigmas=candidate.sigmas[str(steps)], device=model.device)
+    else:
+        scheduler.set_timesteps(steps, device=model.device)
+    z = (noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)).to(model.dtype)  # flow: none, 1
     w = 1.0 if not candidate.cfg else candidate.guidance_scale
     w_embedding = guidance_cond(candidate, len(z))
     extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
-        z_in = scheduler.scale_model_input(z, t)
-        out = model.guided(z_in, t, cond, w, timestep_cond=w_embedding)
+        z_in = scheduler.scale_model_input(z, t) if hasattr(scheduler, "scale_model_input") else z
+        out = model.guided(z_in, model.schedule.from_model_time(t), cond, w, timestep_cond=w_embedding)
         z = scheduler.step(out, t, z, return_dict=False, **extra)[0].to(model.dtype)
     return z
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from evals import gap, models, speed
-from evals.baselines import best_per_steps, control_candidate, sweep_candidates
+from evals.baselines import best_per_steps, control_candidate, defaults_for, sweep_candidates
 from evals.cascade_rows import cascade_for
 from evals.entries import add_models, assemble, row_entry
 from evals.generate import GRID_PROMPTS, Generated, encode_all, generate
@@ -138,7 +138,7 @@ def _teacher_stage(settings, device, dtype, guidance, prompts, measure, state, r
 def _sweep(usual, settings, prompts, measure, state, sweep, timings) -> list[tuple]:
     """Screen every sampler spec x guidance x step count; the best per step count, as (candidate, steps) pairs."""
     t0 = time.perf_counter()
-    cands = sweep_candidates(usual.model, usual.source, settings.baselines)
+    cands = sweep_candidates(usual.model, usual.source, defaults_for(usual.model.schedule.family, settings.baselines))
     n = screen_n(settings, len(prompts))
     log(f"training-free sweep: {len(cands)} samplers x {len(settings.steps)} step counts at N = {n}")
     entries = screen(cands, settings.steps, prompts[:n], settings, measure, state["ref"], "baseline")
@@ -190,7 +190,7 @@ def _load_teacher(settings, device, dtype, guidance, state) -> tuple[models.Cand
     log(f"teacher guidance {usual.guidance_scale:g} ({origin})")
     state["image_resolution"] = list(usual.model.resolution())
     few = ("few-step teacher: the best of the training-free sweep per step count (its sampler and CFG per row)"
-           if settings.baselines else f"few-step teacher: DDIM trailing, CFG {baseline.guidance_scale:g}")
+           if settings.baselines else f"few-step teacher: {baseline.description}, CFG {baseline.guidance_scale:g}")
     state["guidance"] = (f"teacher: CFG {usual.guidance_scale:g} ({origin}); {few}; students: the guidance their "
                          "student.json gives (LCM-LoRA: 1, no CFG; full LCM: its guidance input), shown per row")
     return usual, baseline

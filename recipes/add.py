@@ -81,7 +81,8 @@ class DiscriminatorConfig:
 @dataclass
 class AdversarialConfig:
     variant: Literal["add", "ladd"] = "add"
-    student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # ADD's T_student
+    student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # ADD's T_student, in the
+    #   network's timestep units (a flow teacher's 1000 sigma: [1000, 750, 500, 250])
     student_timestep_weights: list[float] | None = None  # how often each student timestep is drawn; None: uniform
     lambda_distill: float = 2.5  # lambda of the distillation term; 0: adversarial only (LADD's default)
     distill_weighting: Literal["alpha", "uniform"] = "alpha"  # c(t) = alpha_t (ADD) or 1
@@ -111,10 +112,13 @@ class AddRecipeConfig(TrainConfig):
 CONFIG = AddRecipeConfig
 
 
-def student_grid(timesteps: list[int], num_train_timesteps: int) -> int:
-    """N such that the timesteps are the trailing grid of N (999, 749, 499, 249 for N = 4), else a ConfigError."""
-    n = len(timesteps)
-    if n and sorted(timesteps, reverse=True) == inference_timesteps(n, n, num_train_timesteps).tolist():
+def student_grid(timesteps: list[int], schedule) -> int:
+    """N such that the timesteps are the trailing grid of N (999, 749, 499, 249 for N = 4), else a ConfigError. On a
+    flow schedule any distinct timesteps in (0, T] do: the student's sampler is given its sigmas."""
+    n, top = len(timesteps), schedule.num_train_timesteps
+    if schedule.lcm_scheduler != "LCMScheduler" and n == len(set(timesteps)) and all(0 < t <= top for t in timesteps):
+        return n
+    if n and sorted(timesteps, reverse=True) == inference_timesteps(n, n, top).tolist():
         return n
     raise ConfigError(f"add.student_timesteps={timesteps} must be an evenly spaced trailing grid the sampler can "
                       f"visit, e.g. [999, 749, 499, 249] (4) or [999, 499] (2).")
@@ -131,10 +135,10 @@ def student_timestep_probs(a: AdversarialConfig) -> torch.Tensor | None:
 
 def check(cfg: AddRecipeConfig, teacher: Teacher) -> None:
     a, d = cfg.add, cfg.discriminator
-    if teacher.kind not in ("sd", "sdxl"):
-        raise ConfigError(f"The add recipe needs a text-conditioned SD or SDXL teacher; {cfg.teacher} is a "
+    if teacher.kind not in ("sd", "sdxl", "sd3", "flux"):
+        raise ConfigError(f"The add recipe needs a text-conditioned SD, SDXL, SD3 or FLUX teacher; {cfg.teacher} is a "
                           f"{teacher.kind} pipeline.")
-    student_grid(a.student_timesteps, teacher.num_train_timesteps)
+    student_grid(a.student_timesteps, teacher.schedule)
     w = a.student_timestep_weights
     if w is not None and (len(w) != len(a.student_timesteps) or min(w) < 0 or sum(w) <= 0):
         raise ConfigError(f"add.student_timestep_weights={w} needs one non-negative weight per student timestep "
@@ -165,7 +169,9 @@ class AdversarialDistillation(Method):
                                                device=device)
         check(cfg, self.teacher)
         self.ladd = cfg.add.variant == "ladd"
-        self.student_t = torch.tensor(sorted(cfg.add.student_timesteps, reverse=True))
+        # The student's times on the teacher's schedule (the config gives the network's units: sigma x 1000 on flow)
+        self.student_t = self.teacher.schedule.from_model_time(torch.tensor(sorted(cfg.add.student_timesteps,
+                                                                                   reverse=True)))
         self.student_p = student_timestep_probs(cfg.add)
         self._build_student(cfg.student)
         self._build_discriminator(cfg.discriminator, device)
@@ -251,7 +257,8 @@ class AdversarialDistillation(Method):
             # 5. Re-noise the student's sample at a teacher timestep t, let the teacher with CFG predict x0, and pull
             #    the student's sample toward it: lambda c(t) ||x_hat_theta - sg(x_hat_psi)||^2.
             b, device = len(x_theta), x_theta.device
-            t = torch.randint(cfg.teacher_t_min, cfg.teacher_t_max + 1, (b,), generator=generator).to(device)
+            t = torch.randint(cfg.teacher_t_min, cfg.teacher_t_max + 1, (b,), generator=generator)
+            t = teacher.schedule.from_model_time(t).to(device)
             eps = torch.randn(x_theta.shape, generator=generator).to(device)
             x_theta_t = teacher.add_noise(x_theta.detach(), eps, t)
             with torch.no_grad(), self.autocast(), self.online.teacher_mode():
@@ -293,11 +300,12 @@ class AdversarialDistillation(Method):
             return self.backbone(diff_augment(images, self.cfg.discriminator.augment, generator)), None
         a = self.cfg.add
         u = a.ladd_t_mean + a.ladd_t_std * torch.randn(len(latents), generator=generator)
-        t = (torch.sigmoid(u) * (self.teacher.num_train_timesteps - 1)).round().long().to(latents.device)
+        t = (torch.sigmoid(u) * (self.teacher.num_train_timesteps - 1)).round()
+        t = self.teacher.schedule.from_model_time(t).to(latents.device)
         z_t = self.teacher.add_noise(latents, torch.randn(latents.shape, generator=generator).to(latents.device), t)
         with self.autocast(), self.online.teacher_mode():
             maps = self.teacher.features(z_t.to(self.teacher.dtype), t, c, self.blocks)
-        return maps, t
+        return maps, self.teacher.schedule.model_time(t).float()  # the heads embed the network's timestep units
 
     def frozen_heads(self):
         """The heads without parameter gradients: the generator's loss must not train them (one backward per step)."""
@@ -328,13 +336,20 @@ class AdversarialDistillation(Method):
             kind=cfg.student.kind, teacher=str(local.resolve()) if local.exists() else cfg.teacher,
             teacher_kind=teacher.kind, pipeline_class=type(teacher.pipe).__name__,
             prediction_type=teacher.prediction_type, teacher_guidance_scale=a.teacher_guidance_scale,
-            method=a.variant, step=step, feature_network=self.feature_network,
+            method=a.variant, step=step, feature_network=self.feature_network, network=teacher.family.network_attr,
             sampler=lcm_sampler(n, 10.0, teacher.prediction_type, cfg.sample.guidance_scale or 1.0,
-                                steps=[k for k in (1, 2, 4, 8) if k <= n]),
+                                steps=[k for k in (1, 2, 4, 8) if k <= n], schedule=teacher.schedule,
+                                times={k: self.student_times(k) for k in (1, 2, 4, 8) if k <= n}),
             details=dict(student_timesteps=sorted(a.student_timesteps, reverse=True),
                          student_timestep_weights=a.student_timestep_weights, lambda_distill=a.lambda_distill,
                          discriminator=self.feature_network, r1_gamma=cfg.discriminator.r1_gamma),
         )
+
+    def student_times(self, steps: int) -> torch.Tensor:
+        """The student times a `steps`-step sample visits: evenly spaced indices into the descending grid (LCMScheduler's
+        rule: 999 / 999, 499 / 999, 749, 499, 249 on the VP grid of 4)."""
+        n = len(self.student_t)
+        return self.student_t[torch.floor(torch.arange(steps, dtype=torch.float64) * n / steps).long()]
 
     def save_student(self, folder: Path, step: int) -> None:
         self.online.save_weights(folder)
@@ -345,7 +360,8 @@ class AdversarialDistillation(Method):
         was_training = student.training
         student.eval()
         rows = student_rows(student, self.teacher, cfg.sample.prompts, cfg.sample.steps, cfg.seed,
-                            guidance_scale=1.0, original_steps=len(self.student_t), resolution=cfg.data.resolution)
+                            guidance_scale=1.0, original_steps=len(self.student_t), resolution=cfg.data.resolution,
+                            times={k: self.student_times(k) for k in cfg.sample.steps})
         student.train(was_training)
         save_grid(rows, path, labels=(cfg.sample.prompts, [f"student@{s}" for s in cfg.sample.steps]))
 

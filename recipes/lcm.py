@@ -70,7 +70,8 @@ from distill.teacher import Teacher
 @dataclass
 class StudentConfig:
     kind: Literal["full", "lora"] = "lora"
-    time_cond_proj_dim: int = 256  # full: width of the guidance-scale embedding (diffusers' LCD default)
+    time_cond_proj_dim: int | None = 256  # full: width of the guidance-scale embedding (diffusers' LCD default); null:
+    #   no guidance input, the guidance is baked in (a transformer teacher: SD3, FLUX)
     ema_decay: float | None = 0.95  # mu of theta^-: full: EMA target network (LCM); lora: EMA of the adapters, null = itself (LCM-LoRA)
     lora_rank: int = 64  # lora: r (LCM-LoRA)
     lora_alpha: float | None = None  # lora: scale alpha / r; null: alpha = r
@@ -118,11 +119,20 @@ def check_probe(cfg: LcmConfig) -> None:
                           "data.holdout_rows (e.g. 256), or probe.every_steps=0.")
 
 
+def nested(schedule, n: int, m: int) -> bool:
+    """Whether the n-point solver grid lies on the m-point grid (VP: m a multiple of n; flow: m - 1 of n - 1)."""
+    coarse, fine = schedule.grid(n).double(), schedule.grid(m).double()
+    return bool(torch.isclose(coarse[:, None], fine[None], atol=1e-6).any(1).all())
+
+
 def check(cfg: LcmConfig, teacher: Teacher) -> None:
-    if teacher.kind not in ("sd", "sdxl"):
-        raise ConfigError(
-            f"The lcm recipe needs a text-conditioned SD or SDXL teacher; {cfg.teacher} is a {teacher.kind} pipeline."
-        )
+    if teacher.kind not in ("sd", "sdxl", "sd3", "flux"):
+        raise ConfigError(f"The lcm recipe needs a text-conditioned SD, SDXL, SD3 or FLUX teacher; {cfg.teacher} is "
+                          f"a {teacher.kind} pipeline.")
+    if cfg.student.kind == "full" and cfg.student.time_cond_proj_dim and teacher.family.network_attr != "unet":
+        raise ConfigError(f"student.time_cond_proj_dim={cfg.student.time_cond_proj_dim} asks for a guidance input, "
+                          f"which only a UNet has; the {teacher.kind} teacher's is a transformer: set "
+                          "student.time_cond_proj_dim=null (the guidance is then baked in, as a LoRA's).")
     if cfg.student.kind == "full" and cfg.student.ema_decay is None:
         raise ConfigError("A full student needs student.ema_decay (LCM's target network uses 0.95).")
     for key in ("ema_decay", "ship_ema_decay"):
@@ -137,10 +147,10 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
     if cfg.lcd.anchor_weight < 0 or cfg.lcd.anchor_trajectories < 1:
         raise ConfigError(f"lcd.anchor_weight={cfg.lcd.anchor_weight} must be >= 0 and lcd.anchor_trajectories="
                           f"{cfg.lcd.anchor_trajectories} at least 1.")
-    fine = set(teacher.schedule.grid(max(1, cfg.lcd.anchor_solve_steps)).tolist())
-    if cfg.lcd.anchor_weight and not set(teacher.schedule.grid(n).tolist()) <= fine:
-        raise ConfigError(f"lcd.anchor_solve_steps={cfg.lcd.anchor_solve_steps} must be a multiple of "
-                          f"lcd.num_ddim_timesteps={n} (the solver's timesteps must lie on the anchor's grid), e.g. {5 * n}.")
+    if cfg.lcd.anchor_weight and not nested(teacher.schedule, n, max(1, cfg.lcd.anchor_solve_steps)):
+        fits = next(m for m in range(5 * n, 50 * n) if nested(teacher.schedule, n, m))
+        raise ConfigError(f"lcd.anchor_solve_steps={cfg.lcd.anchor_solve_steps} does not put the solver's "
+                          f"lcd.num_ddim_timesteps={n} timesteps on the anchor's grid; use e.g. {fits}.")
     if any(not 1 <= s <= n for s in [*cfg.sample.steps, *([cfg.probe.steps] if cfg.probe.every_steps else [])]):
         raise ConfigError(f"sample.steps {cfg.sample.steps} and probe.steps {cfg.probe.steps} must each be in "
                           f"[1, lcd.num_ddim_timesteps={n}].")
@@ -161,8 +171,10 @@ class LatentConsistencyDistillation(Method):
         check(cfg, self.teacher)
         self.solver = DDIMSolver(self.teacher.schedule, cfg.lcd.num_ddim_timesteps)
         width = len(str(self.teacher.num_train_timesteps - 1))
-        self.interval_names = {n: f"interval/t{int(t):0{width}d}" for n, t in enumerate(self.solver.timesteps.tolist())}
-        self.scalings = dict(sigma_data=cfg.lcd.sigma_data, timestep_scaling=cfg.lcd.timestep_scaling)
+        model_times = self.teacher.schedule.model_time(self.solver.timesteps).round().long().tolist()  # sigma: x1000
+        self.interval_names = {n: f"interval/t{t:0{width}d}" for n, t in enumerate(model_times)}
+        self.scalings = dict(sigma_data=cfg.lcd.sigma_data, timestep_scaling=cfg.lcd.timestep_scaling,
+                             schedule=self.teacher.schedule)
         self.distance = functools.partial(pseudo_huber, c=cfg.lcd.huber_c) if cfg.lcd.loss == "huber" else l2
         self._build_student(cfg.student)
         self.optimizers["student"] = optim.from_config(self.online.trainable_parameters(), cfg.learning_rate,
@@ -356,7 +368,7 @@ class LatentConsistencyDistillation(Method):
             teacher_kind=teacher.kind, pipeline_class=type(teacher.pipe).__name__,
             prediction_type=teacher.prediction_type, teacher_guidance_scale=1 + omega, method="lcm", step=step,
             sampler=lcm_sampler(cfg.lcd.num_ddim_timesteps, cfg.lcd.timestep_scaling, teacher.prediction_type,
-                                guidance),
+                                guidance, schedule=teacher.schedule), network=teacher.family.network_attr,
             details=dict(num_ddim_timesteps=cfg.lcd.num_ddim_timesteps, timestep_scaling=cfg.lcd.timestep_scaling,
                          w_min=cfg.lcd.w_min, w_max=cfg.lcd.w_max),
         )

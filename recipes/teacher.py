@@ -322,12 +322,13 @@ def _train(cfg: TeacherConfig, run) -> Path:
     return run.dir
 
 
-def save_sample_grid(pipe, cfg: TeacherConfig, path: Path) -> None:
+def save_sample_grid(pipe, cfg: TeacherConfig, path: Path, **call) -> None:
+    """The sample prompts at the config's steps and guidance, one row; `call`: more pipeline arguments."""
     from distill.images import grid
 
     generator = torch.Generator().manual_seed(cfg.seed)
     out = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale,
-               generator=generator, output_type="pil", height=cfg.data.resolution, width=cfg.data.resolution)
+               generator=generator, output_type="pil", height=cfg.data.resolution, width=cfg.data.resolution, **call)
     grid(out.images, rows=1, scale=4).save(path)
 
 

@@ -15,6 +15,11 @@
    Its conditioning is cached through the pipeline's own `encode_prompt`, so training sees what sampling sees.
 3. Assemble: a `StableDiffusion3Pipeline` with the stock `FlowMatchEulerDiscreteScheduler` and no T5 (as the
    pipeline allows; load it with `text_encoder_3=None, tokenizer_3=None`).
+
+Without T5 the pipeline still appends `max_sequence_length` zero tokens (256 unless told) to the 16 CLIP tokens, and
+the transformer attends over all of them; a count it was not trained with changes its attention. It is trained with
+as many zero tokens as CLIP tokens (`text.max_length`), 6x cheaper than 256, so it is sampled with
+`max_sequence_length=16` (distill's SD3 adaptor passes the CLIP length for a pipeline without T5).
 """
 
 from __future__ import annotations
@@ -277,12 +282,13 @@ def build_pipeline(cfg: Sd3TeacherConfig, vae, encoders, tokenizer, transformer)
 
 
 @torch.no_grad()
-def encode_conditioning(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence [N, L, D], pooled [N, D_p]) exactly as the pipeline conditions its transformer."""
+def encode_conditioning(pipe, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence [N, 2 x max_length, D], pooled [N, D_p]) exactly as the pipeline conditions its transformer when
+    called with max_sequence_length=max_length (the zero T5 block as long as the CLIP one)."""
     seq, pooled = [], []
     for i in range(0, len(captions), 256):
         embeds, _, pool, _ = pipe.encode_prompt(captions[i:i + 256], None, None, device="cpu",
-                                                do_classifier_free_guidance=False)
+                                                do_classifier_free_guidance=False, max_sequence_length=max_length)
         seq.append(embeds)
         pooled.append(pool)
     return torch.cat(seq), torch.cat(pooled)
@@ -303,12 +309,13 @@ def _train(cfg: Sd3TeacherConfig, run) -> Path:
     encoders = train_text(cfg, tokenizer, captions, run)
     side = images.shape[-1] // 2 ** (len(vae.config.block_out_channels) - 1)
     pipe = build_pipeline(cfg, vae, encoders, tokenizer, build_transformer(cfg.transformer, cfg.text, side))
-    cond, empty = encode_conditioning(pipe, captions), encode_conditioning(pipe, [""])
+    n = cfg.text.max_length
+    cond, empty = encode_conditioning(pipe, captions, n), encode_conditioning(pipe, [""], n)
     transformer = train_transformer(cfg, encode_moments(vae, images), cond, empty, run)
     if run.is_main:
         pipe = build_pipeline(cfg, vae, encoders, tokenizer, transformer)
         assemble(pipe, cfg)
-        save_sample_grid(pipe, cfg, run.dir / "samples.png")
+        save_sample_grid(pipe, cfg, run.dir / "samples.png", max_sequence_length=cfg.text.max_length)
         report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         (run.dir / "report.json").write_text(json.dumps(report, indent=2))
         print(f"teacher written to {cfg.teacher}")

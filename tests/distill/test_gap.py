@@ -29,6 +29,7 @@ class OdeStudent:
 
     def __init__(self, teacher, steps, perturb=0.0):
         self.teacher, self.steps, self.perturb = teacher, steps, perturb
+        self.schedule = teacher.schedule
 
     def guided(self, z_t, t, cond, guidance_scale, timestep_cond=None):
         target = teacher_ode_solution(self.teacher, z_t, t[0], cond, W, self.steps)

@@ -81,3 +81,12 @@ def test_dynamic_shift_is_the_one_fluxs_pipeline_computes_for_that_many_patches(
     mu = calculate_shift(1024, 256, 4096, 0.5, 1.15)
     scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)  # what FluxPipeline does at 4 steps
     torch.testing.assert_close(schedule.shifted(torch.tensor([1.0, 0.75, 0.5, 0.25])), scheduler.sigmas[:-1].float())
+
+
+def test_from_model_time_inverts_model_time_on_both_families():
+    vp, flow = VPSchedule(torch.linspace(0.99, 0.01, 1000)), FlowSchedule(shift=3.0)
+    t = torch.tensor([999, 500, 0])
+    assert torch.equal(vp.from_model_time(vp.model_time(t)), t)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(4)
+    torch.testing.assert_close(flow.from_model_time(scheduler.timesteps), scheduler.sigmas[:-1])

@@ -238,3 +238,26 @@ def test_a_student_is_evaluated_only_at_step_counts_its_sampler_has(tiny_sd_v_pa
     assert report["rows"][-1]["method"] == "add" and "LCM `add_run`" not in md  # named by the recipe that made it
     from evals.recommend import _who
     assert _who(report["rows"][-1]) == "ADD-LoRA `add_run` at 1 step"
+
+
+def test_flow_teacher_loop_is_the_sd3_pipelines_own_and_its_sweep_is_the_flow_one(tiny_sd3_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from evals.baselines import DEFAULT_BASELINES, FLOW_BASELINES, defaults_for, sweep_candidates
+
+    usual, baseline = models.load_teacher(str(tiny_sd3_path), "cpu", torch.float32, 3.0, None)
+    assert baseline.scheduler_cls.__name__ == "FlowMatchEulerDiscreteScheduler"
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path))
+    pipe.set_progress_bar_config(disable=True)
+    gens = models.sample_generators(5, range(len(PROMPTS)))
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=gens, height=16, width=16,
+                  output_type="latent").images
+    gens = models.sample_generators(5, range(len(PROMPTS)))
+    ours = models.denoise(usual, 3, models.encode(usual, PROMPTS), models.initial_noise(usual, gens), gens)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    specs = defaults_for("flow", list(DEFAULT_BASELINES))
+    assert specs == list(FLOW_BASELINES) and defaults_for("vp", list(DEFAULT_BASELINES)) == list(DEFAULT_BASELINES)
+    for cand in sweep_candidates(usual.model, usual.source, specs):  # every flow sampler runs on the flow teacher
+        gens = models.sample_generators(5, range(1))
+        z = models.denoise(cand, 2, models.encode(cand, PROMPTS[:1]), models.initial_noise(cand, gens), gens)
+        assert torch.isfinite(z).all(), cand.name

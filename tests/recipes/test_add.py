@@ -72,7 +72,10 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
         add.check(_cfg(tmp_path, tiny_sd_path, add=dict(teacher_t_min=500, teacher_t_max=100)), teacher)
     with pytest.raises(ConfigError, match="unet2d"):
         add.check(_cfg(tmp_path, tiny_unet2d_path), Teacher.from_pretrained(tiny_unet2d_path))
-    assert add.student_grid([999, 749, 499, 249], 1000) == 4 and add.student_grid([999, 499], 1000) == 2
+    vp = teacher.schedule
+    assert add.student_grid([999, 749, 499, 249], vp) == 4 and add.student_grid([999, 499], vp) == 2
+    with pytest.raises(ConfigError, match="evenly spaced trailing grid"):
+        add.student_grid([1000, 750, 500, 250], vp)  # a flow grid is not one the VP sampler visits
     with pytest.raises(ConfigError, match="student_timestep_weights"):
         add.check(_cfg(tmp_path, tiny_sd_path, add=dict(student_timestep_weights=[1, 1])), teacher)
 

@@ -58,11 +58,15 @@ def test_config_loads_and_every_setting_has_a_comment(path):
     assert cfg.student.kind == ("lora" if path.stem.endswith("lora") else "full")
     assert 0 <= cfg.lcd.w_min <= cfg.lcd.w_max
     assert cfg.resume_from_checkpoint is None  # a new run unless the user asks to go on with one
-    assert cfg.lcd.num_ddim_timesteps == (10 if path.stem.startswith("emoji") else 50)  # LCM's N for SD
+    flow = path.stem in ("sd35_lora", "flux_lora")  # 42 flow intervals: the 1/2/4/8-step sampler on the grid
+    assert cfg.lcd.num_ddim_timesteps == (10 if path.stem.startswith("emoji") else 43 if flow else 50)  # LCM: 50
+    if "sd3" in path.stem or flow:
+        assert cfg.student.time_cond_proj_dim is None  # a transformer student has no guidance input
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if re.match(r"^\s*[A-Za-z_]+:\s*\S", line):  # a key with a value (section headers have none)
             assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
-    assert {p.stem for p in CONFIGS} == {"emoji_sd", "emoji_sd_lora", "sd15", "sd15_lora", "sdxl_lora"}
+    assert {p.stem for p in CONFIGS} == {"emoji_sd", "emoji_sd_lora", "emoji_sd3_lora", "sd15", "sd15_lora",
+                                         "sdxl_lora", "sd35_lora", "flux_lora"}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -221,7 +225,7 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
         lcm.check(_cfg(tmp_path, tiny_sd_path, "full", lcd=dict(w_min=3.0, w_max=1.0)), teacher)
     with pytest.raises(ConfigError, match="sample.steps"):
         lcm.check(_cfg(tmp_path, tiny_sd_path, "full", sample=dict(steps=[80])), teacher)
-    with pytest.raises(ConfigError, match="SD or SDXL"):
+    with pytest.raises(ConfigError, match="SD, SDXL, SD3 or FLUX"):
         lcm.check(_cfg(tmp_path, tiny_unet2d_path, "full"), Teacher.from_pretrained(tiny_unet2d_path))
     with pytest.raises(ConfigError, match="needs student.ema_decay"):
         lcm.check(_cfg(tmp_path, tiny_sd_path, "full", student=dict(ema_decay=None)), teacher)
