@@ -59,7 +59,8 @@ def test_config_loads_and_every_setting_has_a_comment(path):
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if re.match(r"^\s*[A-Za-z_]+:\s*\S", line):
             assert "#" in line, f"{path.name}:{number} has no comment: {line.strip()}"
-    assert {p.stem for p in CONFIGS} == {"emoji_sd", "emoji_sd_lora", "emoji_sd_ladd", "sd21", "sdxl_lora"}
+    assert {p.stem for p in CONFIGS} == {"emoji_sd", "emoji_sd_lora", "emoji_sd_ladd", "emoji_sd3_ladd", "sd21",
+                                         "sdxl_lora", "sd35_ladd_lora", "flux_ladd_lora"}
 
 
 def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tmp_path):
