@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from distill.consistency import consistency_output
+from distill.trajectories import guided_ddim
 
 
 def ode_grid(t: float | Tensor, steps: int) -> Tensor:
@@ -49,15 +50,7 @@ def teacher_ode_solution(teacher, z_t: Tensor, t: float | Tensor, cond, guidance
       x0_i, eps_i = to_x0_eps(guided(z_i, t_i));  z_{i+1} = alpha_{t_{i+1}} x0_i + sigma_{t_{i+1}} eps_i,
     returning x0 at the last grid point. steps = 1 is the teacher's own one-step x0. Returns float32 [B, C, H, W].
     """
-    grid = ode_grid(t, steps).to(z_t.device)
-    z = z_t.float()
-    for i in range(len(grid)):
-        t_batch = grid[i].repeat(len(z))
-        out = teacher.guided(z.to(teacher.dtype), t_batch, cond, guidance_scale)
-        x0, eps = teacher.to_x0_eps(out.float(), z, t_batch)
-        if i + 1 < len(grid):
-            z = teacher.add_noise(x0, eps, grid[i + 1].repeat(len(z)))
-    return x0
+    return guided_ddim(teacher, z_t, ode_grid(t, steps).to(z_t.device), cond, guidance_scale)[0]
 
 
 @torch.no_grad()

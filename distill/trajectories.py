@@ -85,14 +85,25 @@ def solve_trajectories(teacher, cond: Cond, noise: Tensor, guidance: Tensor, rec
 
 
 def _solve(teacher, z: Tensor, cond: Cond, guidance: Tensor, grid: Tensor, record: Tensor) -> tuple[Tensor, Tensor]:
-    device, kept = teacher.device, []
-    z = z.to(device, teacher.dtype)
+    x0, kept = guided_ddim(teacher, z.to(teacher.device), grid.to(teacher.device), cond, guidance.to(teacher.device),
+                           record.to(teacher.device))
+    return torch.stack([k.cpu() for k in kept], dim=1), x0.cpu()
+
+
+def guided_ddim(teacher, z: Tensor, grid: Tensor, cond: Cond, guidance, record: Tensor | None = None):
+    """The teacher's probability-flow ODE by DDIM (eta = 0, Euler on a flow schedule) with CFG, over the descending
+    times `grid` [S] from z [B, C, h, w] at grid[0]:
+      x0_i, eps_i = to_x0_eps(guided(z_i, t_i));  z_{i+1} = alpha_{t_{i+1}} x0_i + sigma_{t_{i+1}} eps_i.
+    Returns (x0 at the last grid time, float32 [B, C, h, w]; the float32 z at each time of `record` that is on the
+    grid, in grid order). guidance: a float or [B] scales (1: no CFG pass)."""
+    kept = []
+    z = z.to(teacher.dtype)
     for i, t in enumerate(grid):
-        if torch.isclose(record, t).any():
-            kept.append(z.float().cpu())
-        t_batch = t.expand(len(z)).to(device)
-        out = teacher.guided(z, t_batch, cond, guidance.to(device))
+        if record is not None and torch.isclose(record.to(grid.dtype), t).any():
+            kept.append(z.float())
+        t_batch = t.expand(len(z))
+        out = teacher.guided(z, t_batch, cond, guidance)
         x0, eps = teacher.to_x0_eps(out.float(), z.float(), t_batch)
-        if i + 1 < len(grid):  # DDIM (eta = 0): z_s = alpha_s x0 + sigma_s eps
-            z = teacher.add_noise(x0, eps, grid[i + 1].expand(len(z)).to(device)).to(teacher.dtype)
-    return torch.stack(kept, dim=1), x0.cpu()
+        if i + 1 < len(grid):
+            z = teacher.add_noise(x0, eps, grid[i + 1].expand(len(z))).to(teacher.dtype)
+    return x0, kept
