@@ -56,8 +56,7 @@ def build_tiny_sd3(path: str | Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = Path(path)
-    clip = write_clip_tokenizer(path / "_tokenizer")
-    t5 = write_t5_tokenizer(path / "_t5")
+    clip, t5 = _tokenizers(path)
     torch.manual_seed(SEED + 7)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -78,8 +77,7 @@ def build_tiny_flux(path: str | Path) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     path = Path(path)
-    clip = write_clip_tokenizer(path / "_tokenizer")
-    t5 = write_t5_tokenizer(path / "_t5")
+    clip, t5 = _tokenizers(path)
     torch.manual_seed(SEED + 8)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -93,6 +91,11 @@ def build_tiny_flux(path: str | Path) -> Path:
         text_encoder_2=_t5(t5), tokenizer_2=t5,
     )
     return _save_flow(pipe, path)
+
+
+def _tokenizers(path: Path):
+    """(CLIP, T5) tokenizers written into scratch folders of `path` (removed once the pipeline is saved)."""
+    return write_clip_tokenizer(path / "_tokenizer"), write_t5_tokenizer(path / "_t5")
 
 
 def _save_flow(pipe, path: Path) -> Path:

@@ -257,11 +257,15 @@ class DenoiserStage(Method):
 
 
 def train_unet(cfg, moments, text_states, empty_state, run: engine.Run) -> UNet2DConditionModel:
-    stage = DenoiserStage(cfg, moments, text_states, empty_state, run.device)
-    engine.fit(run, stage, stage.loop(), stage="unet")
-    unet = stage.unwrapped("unet")
-    stage.ema.copy_to(unet.parameters())
-    return unet.eval()
+    return fit_and_ship_ema(run, DenoiserStage(cfg, moments, text_states, empty_state, run.device), "unet")
+
+
+def fit_and_ship_ema(run: engine.Run, stage: Method, name: str):
+    """Train a denoiser stage in its sub-folder `name`; the network it returns carries the stage's EMA weights."""
+    engine.fit(run, stage, stage.loop(), stage=name)
+    network = stage.unwrapped(name)
+    stage.ema.copy_to(network.parameters())
+    return network.eval()
 
 
 def encode_moments(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from distill import engine
 from distill.config import DataConfig, TrainConfig
 from distill.method import Method
 from distill.text import load_minilm
-from recipes.teacher import encode_moments, load_images, save_sample_grid
+from recipes.teacher import encode_moments, fit_and_ship_ema, load_images, save_sample_grid
 
 
 @dataclass
@@ -265,11 +265,7 @@ class TransformerStage(Method):
 
 
 def train_transformer(cfg, moments, cond, empty, run: engine.Run) -> SD3Transformer2DModel:
-    stage = TransformerStage(cfg, moments, cond, empty, run.device)
-    engine.fit(run, stage, stage.loop(), stage="transformer")
-    net = stage.unwrapped("transformer")
-    stage.ema.copy_to(net.parameters())
-    return net.eval()
+    return fit_and_ship_ema(run, TransformerStage(cfg, moments, cond, empty, run.device), "transformer")
 
 
 # ---------------------------------------------------------------- assemble + main
