@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from distill.consistency import inference_timesteps
 from distill.gap import consistency_gap, ode_steps, student_one_step, teacher_ode_solution
 from evals import models
 from evals.progress import log
@@ -30,6 +29,9 @@ GAP_NOTE = ("From the same M re-noised real latents z_t = alpha_t z0 + sigma_t e
             "from z_t (DDIM with CFG at the guidance it was distilled for, 50-step spacing), mean ± std over the "
             "points. Control: the untrained teacher's own one-step x0 at that CFG. ODE scale: RMS(ODE solution − z0), "
             "to read the gaps against. 0: the student is exactly the teacher's ODE map at that t.")
+
+
+CONSISTENCY_SAMPLERS = ("LCMScheduler", "FlowMatchLCMScheduler")  # x0, then re-noise: one-step maps to compare
 
 
 class GapSection:
@@ -65,24 +67,33 @@ def start(teacher: models.Candidate, real, prompts: list[str], points: int, seed
     return GapSection(z0, eps, list(prompts[:m]), seed)
 
 
-def student_times(student: models.Candidate, num_train_timesteps: int) -> list[int]:
-    """The t its LCMScheduler visits at 1, 2 and 4 steps (those its grid of N has), descending."""
-    n = int(student.scheduler_config.get("original_inference_steps", 50))
-    found = {int(t) for s in GAP_STEPS if s <= n for t in inference_timesteps(s, n, num_train_timesteps)}
+def student_times(student: models.Candidate, schedule) -> list:
+    """The times its consistency sampler visits at 1, 2 and 4 steps (those it can take), on the teacher's schedule,
+    descending: LCMScheduler's integer t on the VP grid of N, FlowMatchLCMScheduler's sigmas on a flow one."""
+    found = set()
+    for steps in (s for s in GAP_STEPS if student.supports(s)):
+        scheduler = student.scheduler()
+        if student.sigmas:
+            scheduler.set_timesteps(sigmas=student.sigmas[str(steps)])
+        else:
+            scheduler.set_timesteps(steps)
+        found |= set(schedule.from_model_time(scheduler.timesteps).tolist())
     return sorted(found, reverse=True)
 
 
 def measure(section: GapSection, student: models.Candidate, teacher: models.Candidate, batch: int) -> None:
     """One student's rows, or its name among the skipped when it is not a consistency (LCM) student."""
-    if student.metadata.get("method") != "lcm" or student.scheduler_cls.__name__ != "LCMScheduler":
+    if student.metadata.get("method") != "lcm" or student.scheduler_cls.__name__ not in CONSISTENCY_SAMPLERS:
         section.skipped.append(student.name)
         return
     w = float(student.metadata.get("teacher_guidance_scale", teacher.guidance_scale))
     rows = []
-    for t in student_times(student, teacher.model.num_train_timesteps):
+    schedule = teacher.model.schedule
+    for t in student_times(student, schedule):
         phi, control, scale, steps = _teacher_at(section, teacher.model, t, w, batch)
         gap = _student_gap(section, student, teacher.model, t, phi, batch)
-        rows.append({"t": t, "student_gap": float(gap.mean()), "student_gap_std": _std(gap),
+        t_shown = int(round(float(schedule.model_time(torch.tensor(t)))))  # the network's units: sigma x 1000 on flow
+        rows.append({"t": t_shown, "student_gap": float(gap.mean()), "student_gap_std": _std(gap),
                      "teacher_one_step_gap": float(control.mean()), "ode_scale": float(scale.mean()), "n": len(gap),
                      "ode_steps": steps})
     section.students[student.name] = rows

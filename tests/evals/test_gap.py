@@ -66,3 +66,22 @@ def test_the_line_names_the_t_where_the_student_is_furthest_off_relative_to_the_
 def test_a_negative_number_of_points_is_refused():
     with pytest.raises(ConfigError, match="--consistency-gap -1 is negative"):
         EvalSettings(teacher="t", out="o", consistency_gap=-1).check()
+
+
+def test_a_flow_students_gap_times_are_the_sigmas_its_sampler_visits(tiny_sd3_path):
+    import torch
+
+    from diffusers import FlowMatchLCMScheduler
+
+    from evals import models
+    from evals.gap import student_times
+
+    teacher, _ = models.load_teacher(str(tiny_sd3_path), "cpu", torch.float32, 1.0, None)
+    config = dict(FlowMatchLCMScheduler.from_config(teacher.model.scheduler.config).config)
+    student = models.Candidate("s", "student", "lora", "x", teacher.model, FlowMatchLCMScheduler, config, 1.0, "")
+    schedule = teacher.model.schedule
+    expected = sorted({float(t) for s in (1, 2, 4) for t in schedule.consistency_times(s)}, reverse=True)
+    assert student_times(student, schedule) == pytest.approx(expected, abs=1e-6)
+    pinned = models.Candidate("p", "student", "lora", "x", teacher.model, FlowMatchLCMScheduler, config, 1.0, "",
+                              sigmas={"1": [1.0], "2": [1.0, 0.25]})  # an ADD student's own grid, before the shift
+    assert student_times(pinned, schedule) == pytest.approx([1.0, float(schedule.shifted(torch.tensor(0.25)))])
