@@ -123,3 +123,20 @@ def test_ladd_on_a_flow_teacher_reads_its_token_maps_and_ships_its_own_sigmas(ti
         pipe.scheduler.set_timesteps(sigmas=info.sampler.sigmas[steps])
         torch.testing.assert_close(pipe.scheduler.sigmas, torch.tensor(sigmas + [0.0]), atol=1e-5, rtol=0)
     assert (run / "samples" / "final.png").is_file()  # the plain-diffusers grid at the student's sigmas
+
+
+def test_lora_run_on_a_flux_teacher_feeds_guidance_as_its_input_and_ships_a_lora_flux_loads(tiny_flux_path, tmp_path):
+    from diffusers import FluxPipeline
+
+    targets = SD3_TARGETS + ["proj_mlp", "proj_out"]
+    run = main(_cfg(tmp_path, tiny_flux_path, "lora", student=dict(kind="lora", lora_rank=4, time_cond_proj_dim=None,
+                                                                   lora_target_modules=targets),
+                    sample=dict(prompts=["dog face"], steps=[1, 2], every_steps=0, teacher_steps=None,
+                                guidance_scale=3.0)))
+    info = StudentInfo.load(run / "student")
+    assert info.sampler.scheduler == "FlowMatchLCMScheduler" and info.guidance_scale == 3.0
+    pipe, _ = load_student_pipeline(run, device="cpu")
+    assert isinstance(pipe, FluxPipeline) and any("lora" in n for n, _ in pipe.transformer.named_parameters())
+    out = pipe(["dog face"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(out)).all()
