@@ -1,6 +1,7 @@
 """The eval stage: its sampling loop is the pipeline's, its metrics move the right way, `distill eval` runs end to end."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -261,3 +262,39 @@ def test_flow_teacher_loop_is_the_sd3_pipelines_own_and_its_sweep_is_the_flow_on
         gens = models.sample_generators(5, range(1))
         z = models.denoise(cand, 2, models.encode(cand, PROMPTS[:1]), models.initial_noise(cand, gens), gens)
         assert torch.isfinite(z).all(), cand.name
+
+
+def test_distill_eval_end_to_end_on_a_flow_teacher_its_sweep_its_consistency_student_and_the_gap(tiny_sd3_path,
+                                                                                                  tmp_path):
+    from distill.config import from_dict
+    from recipes.lcm import LcmConfig, main
+
+    run = main(from_dict(LcmConfig, dict(
+        recipe="lcm", run_name="flow", teacher=str(tiny_sd3_path), output_dir=str(tmp_path / "runs"),
+        max_train_steps=2, train_batch_size=4, checkpointing_steps=2, report_to="none",
+        data=dict(source="emoji:32", resolution=16, max_samples=8),
+        student=dict(kind="lora", lora_rank=4, time_cond_proj_dim=None, lora_target_modules=["to_q", "to_k", "to_v"]),
+        lcd=dict(w_min=2.0, w_max=2.0), optim=dict(lr_warmup_steps=0),
+        sample=dict(prompts=["dog face"], steps=[1], every_steps=0, teacher_steps=None))))
+    out = tmp_path / "report"
+    result = _eval("--teacher", tiny_sd3_path, "--student", run, "--steps", "1,2", "--teacher-steps", 3, "-n", 8,
+                   "--batch-size", 8, "--latency-runs", 1, "--latency-warmup", 0, "--diversity-prompts", 2,
+                   "--diversity-samples", 2, "--sweep-samples", 0, "--consistency-gap", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    from evals.schema import validate
+
+    assert validate(report) == []
+    sweep = {e["scheduler"].split(" ")[0] for e in report["sweep"] if e["kind"] == "baseline"}  # "X (spacing)"
+    assert {"FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+            "FlowMatchLCMScheduler"} <= sweep  # the flow samplers, not DDIM
+    rows = {r["label"]: r for r in report["rows"]}
+    assert {"teacher@3", "001-flow@1", "001-flow@2"} <= set(rows)
+    assert all(math.isfinite(r["quality"]["fd"]) for r in rows.values())
+    gap = report["consistency_gap"]["students"]["001-flow"]
+    # sigma x 1000 of FlowMatchLCMScheduler's 1-, 2- and 4-step sigmas at the tiny SD3's shift 3 (1, 2 and 4 steps
+    # share sigma = 1; the lowest is sigma_min shifted twice, as the scheduler does)
+    assert [r["t"] for r in gap] == [1000, 858, 602, 9]
+    assert all(math.isfinite(r["student_gap"]) for r in gap)
+    # near sigma = 0 one Euler step is the ODE solution at the solver's spacing: the control's gap is 0 there
+    assert all((r["teacher_one_step_gap"] > 0) == (r["ode_steps"] > 1) for r in gap)
