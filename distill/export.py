@@ -95,14 +95,19 @@ def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str
     """README.md for an export: metadata the hubs read, what it is, the sampler, how to load it, what was measured."""
     spec, cls = info.sampler, info.pipeline_class
     settings = ", ".join(f"{k}={v!r}" for k, v in spec.config.items())
+    nulls = "".join(f", {name}=None" for name in _null_components(info.teacher if info.kind == "lora" else out))
     if info.kind == "lora":
-        load = (f'pipe = {cls}.from_pretrained("{info.teacher}")\n'
-                f"pipe.scheduler = {spec.scheduler}.from_config(pipe.scheduler.config, {settings})\n"
+        load = (f'pipe = {cls}.from_pretrained("{info.teacher}"{nulls})\n'
+                f"pipe.scheduler = {spec.scheduler}.from_config(pipe.scheduler.config{', ' if settings else ''}"
+                f"{settings})\n"
                 f'pipe.load_lora_weights("{out}")\npipe.fuse_lora()  # optional: merge the adapters for speed\n')
     else:
-        load = f'pipe = {cls}.from_pretrained("{out}")  # its scheduler is {spec.scheduler}\n'
+        load = f'pipe = {cls}.from_pretrained("{out}"{nulls})  # its scheduler is {spec.scheduler}\n'
     steps = spec.steps[len(spec.steps) // 2] if spec.steps else 4
-    call = f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={spec.guidance_scale:g}).images[0]\n'
+    extra = "".join(f", {k}={v!r}" for k, v in {**info.pipeline_kwargs,
+                                                  **({"sigmas": spec.sigmas[str(steps)]} if spec.sigmas else {})}.items())
+    call = (f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={spec.guidance_scale:g}{extra})'
+            '.images[0]\n')
     lines = ["---", f"base_model: {info.teacher}", "library_name: diffusers", "tags:",
              *[f"- {t}" for t in ("distill", info.method, "lora" if info.kind == "lora" else "text-to-image",
                                   "few-step")], "---", "",
@@ -114,6 +119,8 @@ def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str
              f"- steps: {', '.join(map(str, spec.steps))}; guidance_scale: {spec.guidance_scale:g} (it imitates the "
              f"teacher at guidance {info.teacher_guidance_scale:g})",
              *([f"- timesteps: {spec.timesteps}"] if spec.timesteps else []),
+             *([f"- sigmas per step count (passed to the pipeline, before the scheduler's shift): {spec.sigmas}"]
+               if spec.sigmas else []),
              *([f"- discriminator features: {info.feature_network}"] if info.feature_network else []),
              "", "```python", f"from diffusers import {spec.scheduler}, {cls}", "", load + call + "```"]
     if numbers:
@@ -121,3 +128,13 @@ def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str
     if info.details:
         lines += ["", "## Method settings", "", *[f"- {k}: {v}" for k, v in info.details.items()]]
     return "\n".join(lines) + "\n"
+
+
+def _null_components(pipeline: str | Path) -> list[str]:
+    """Components a local pipeline folder saved as null (an SD3 without T5): from_pretrained must be given None."""
+    index = Path(pipeline) / "model_index.json"
+    if not index.is_file():
+        return []
+    config = json.loads(index.read_text())
+    return [k for k, v in config.items() if not k.startswith("_") and isinstance(v, list) and v[0] is None
+            and k not in ("safety_checker", "feature_extractor", "image_encoder")]

@@ -77,6 +77,8 @@ class StudentInfo:
     feature_network: str | None = None  # what a discriminator saw, for adversarial methods
     training: dict | None = None  # what making it cost (steps, minutes, device, device_hours, samples_seen), if known
     network: str = "unet"  # the pipeline's denoiser attribute and folder: "unet", or "transformer" (SD3, FLUX)
+    pipeline_kwargs: dict = field(default_factory=dict)  # what a pipeline call needs besides the sampler's settings
+    #   (the emoji SD3's max_sequence_length=16)
 
     @property
     def guidance_scale(self) -> float:

@@ -337,6 +337,7 @@ class AdversarialDistillation(Method):
             teacher_kind=teacher.kind, pipeline_class=type(teacher.pipe).__name__,
             prediction_type=teacher.prediction_type, teacher_guidance_scale=a.teacher_guidance_scale,
             method=a.variant, step=step, feature_network=self.feature_network, network=teacher.family.network_attr,
+            pipeline_kwargs=teacher.family.call_kwargs(),
             sampler=lcm_sampler(n, 10.0, teacher.prediction_type, cfg.sample.guidance_scale or 1.0,
                                 steps=[k for k in (1, 2, 4, 8) if k <= n], schedule=teacher.schedule,
                                 times={k: self.student_times(k) for k in (1, 2, 4, 8) if k <= n}),

@@ -369,6 +369,7 @@ class LatentConsistencyDistillation(Method):
             prediction_type=teacher.prediction_type, teacher_guidance_scale=1 + omega, method="lcm", step=step,
             sampler=lcm_sampler(cfg.lcd.num_ddim_timesteps, cfg.lcd.timestep_scaling, teacher.prediction_type,
                                 guidance, schedule=teacher.schedule), network=teacher.family.network_attr,
+            pipeline_kwargs=teacher.family.call_kwargs(),
             details=dict(num_ddim_timesteps=cfg.lcd.num_ddim_timesteps, timestep_scaling=cfg.lcd.timestep_scaling,
                          w_min=cfg.lcd.w_min, w_max=cfg.lcd.w_max),
         )

@@ -140,3 +140,20 @@ def test_lora_run_on_a_flux_teacher_feeds_guidance_as_its_input_and_ships_a_lora
     out = pipe(["dog face"], num_inference_steps=2, guidance_scale=3.0, height=16, width=16, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 16, 16, 3) and torch.isfinite(torch.from_numpy(out)).all()
+
+
+def test_a_flow_students_export_card_loads_and_calls_it_as_its_sampler_needs(tiny_sd3_path, tmp_path):
+    """The model card's code for an ADD-style flow student: the FlowMatchLCMScheduler, its pinned sigmas, and what
+    the teacher's pipeline call needs (max_sequence_length)."""
+    from distill.consistency import lcm_sampler
+    from distill.export import model_card
+
+    teacher = Teacher.from_pretrained(tiny_sd3_path)
+    times = {k: teacher.schedule.from_model_time(torch.tensor(t)) for k, t in {1: [1000], 2: [1000, 500]}.items()}
+    info = StudentInfo(kind="lora", teacher=str(tiny_sd3_path), teacher_kind="sd3",
+                       pipeline_class="StableDiffusion3Pipeline", prediction_type="flow_prediction",
+                       sampler=lcm_sampler(2, 10.0, "flow_prediction", 1.0, [1, 2], teacher.schedule, times),
+                       teacher_guidance_scale=3.0, method="ladd", pipeline_kwargs=teacher.family.call_kwargs())
+    card = model_card(info, tmp_path)
+    assert "FlowMatchLCMScheduler.from_config(pipe.scheduler.config)" in card
+    assert "max_sequence_length=256" in card and "sigmas=[1.0, 0.25]" in card  # 0.5 after the tiny SD3's shift 3
