@@ -81,8 +81,13 @@ def train(config, overrides, dry_run, report_to, resume):
     if dry_run:
         click.echo(yaml.safe_dump(to_dict(cfg), sort_keys=False), nl=False)
         return
-    from distill.preflight import check_train
+    from distill.errors import ModelError
+    from distill.preflight import TEACHER_WRITERS, check_train
 
+    maker = recipes.teacher_maker(cfg.teacher) if cfg.recipe not in TEACHER_WRITERS else None
+    if maker and not Path(cfg.teacher).exists():
+        raise ModelError(f"The teacher {cfg.teacher} is trained here and does not exist yet: run `distill train "
+                         f"{maker}` first (it writes it there), then this again.")
     check_train(cfg)  # output folder, disk, device, teacher files, data: before a run folder or a model
     module.main(cfg)
 

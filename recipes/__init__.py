@@ -60,3 +60,14 @@ def load(path: str | Path, overrides: list[str]) -> tuple[ModuleType, object]:
         raise ConfigError(f"Config {path} names recipe '{name}', which does not exist; recipes: {_known()}.")
     module = recipe_module(name)
     return module, load_config(path, module.CONFIG, overrides)
+
+
+def teacher_maker(teacher: str) -> str | None:
+    """The `<recipe>/<model>` config that writes this teacher path (a teacher trained here), if one does."""
+    from distill.config import read_yaml
+
+    for path in sorted(CONFIGS.glob("teacher*/*.yaml")):
+        data = read_yaml(path)
+        if Path(str(data.get("teacher", ""))) == Path(teacher):
+            return f"{path.parent.name}/{path.stem}"
+    return None

@@ -359,3 +359,17 @@ def test_a_lora_made_elsewhere_is_not_taken_for_a_run_folder(lora_run, tmp_path)
 def test_eval_with_a_teacher_that_is_no_pipeline(tmp_path, nothing_generated):
     one_sentence(invoke("eval", "--teacher", tmp_path, "--out", tmp_path / "r"), "not a diffusers pipeline folder")
     assert nothing_generated == []
+
+
+def test_a_teacher_trained_here_that_is_not_there_yet_names_the_command_that_makes_it(tmp_path, monkeypatch, out):
+    import recipes
+
+    assert recipes.teacher_maker("checkpoints/emoji-sd") == "teacher/emoji_sd"
+    missing = tmp_path / "mini-sd3"
+    configs = tmp_path / "configs" / "teacher_sd3"
+    configs.mkdir(parents=True)
+    (configs / "mini.yaml").write_text(f"# a teacher of one's own\nrecipe: teacher_sd3\nteacher: {missing}\n")
+    monkeypatch.setattr(recipes, "CONFIGS", tmp_path / "configs")
+    lora = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "lcm" / "emoji_sd3_lora.yaml"
+    one_sentence(train(str(lora), f"teacher={missing}", out), "does not exist yet", "distill train teacher_sd3/mini")
+    assert not (tmp_path / "runs").exists()  # refused before a run folder
