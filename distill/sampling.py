@@ -24,7 +24,7 @@ from distill.families import family_class
 from distill.images import check_image_path, save_grid
 from distill.info import INFO_FILE, LORA_WEIGHTS, StudentInfo
 from distill.runs import student_folder
-from distill.teacher import Cond, Teacher, check_pipeline
+from distill.teacher import Cond, Teacher, check_pipeline, null_components
 from distill.weights import check_components, check_student_weights
 
 
@@ -107,19 +107,16 @@ def _device(device) -> torch.device:
 
 
 def _no_safety(folder: Path) -> dict:
-    import json
-
-    index = json.loads((folder / "model_index.json").read_text())
-    return {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    """from_pretrained's keywords for a pipeline folder: no safety checker, None for its null components."""
+    return null_components(json.loads((folder / "model_index.json").read_text()))
 
 
-def _images(pipe, prompts, steps, seed, guidance_scale, sigmas: list[float] | None = None) -> list:
+def _images(pipe, prompts, steps, seed, guidance_scale, pinned: dict | None = None) -> list:
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(seed)  # SD3's pipeline draws its consistency sampler's re-noising from the global generator
     generator = torch.Generator().manual_seed(seed)
     extra = family_class(type(pipe), "the pipeline")(pipe, "the pipeline").call_kwargs()
-    if sigmas:  # a flow student's own grid (its sampler spec), not the scheduler's spacing
-        extra["sigmas"] = sigmas
+    extra.update(pinned or {})  # a student's own sigmas or tuned timesteps (its sampler spec), not the default spacing
     return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
                 **extra).images
 
@@ -159,8 +156,8 @@ def sample_grid(
     else:
         pipe, info = load_student_pipeline(source, teacher_pipe, device)
         scale = info.guidance_scale if guidance_scale is None else guidance_scale
-    sigmas = (info.sampler.sigmas or {}) if info is not None else {}
-    columns = [_images(pipe, prompts, s, seed, scale, sigmas.get(str(s))) for s in steps]
+    columns = [_images(pipe, prompts, s, seed, scale, info.sampler.pinned(s) if info is not None else None)
+               for s in steps]
     names = [f"{name}@{s}" for s in steps]
     if teacher_column is not None:
         columns.append(teacher_column)
@@ -185,7 +182,7 @@ def check_sample(source: Path, steps: list[int], out_path: str | Path, teacher_s
             return None
         info = StudentInfo.load(source)
     else:
-        folder = _info_folder(source)
+        folder = student_info_folder(source)
         info = StudentInfo.load(folder)
         check_pipeline(info.teacher)
         check_student_weights(folder, info, info.teacher, "point its student.json's teacher at that model")
@@ -193,7 +190,7 @@ def check_sample(source: Path, steps: list[int], out_path: str | Path, teacher_s
     return info
 
 
-def _info_folder(source: Path) -> Path:
+def student_info_folder(source: Path) -> Path:
     if (source / INFO_FILE).is_file():
         return source
     return student_folder(source)

@@ -42,6 +42,15 @@ def _pickles_only(source: str) -> bool:
     return folder.is_dir() and any(folder.rglob("*.bin")) and not any(folder.rglob("*.safetensors"))
 
 
+def null_components(model_index: dict) -> dict:
+    """What `from_pretrained` must be given for a pipeline folder to load: no safety checker, and None for each
+    component saved as null (an SD3 without T5), which diffusers otherwise refuses."""
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in model_index else {}
+    kwargs.update({name: None for name, value in model_index.items()
+                   if not name.startswith("_") and isinstance(value, (list, tuple)) and value[0] is None})
+    return kwargs
+
+
 class Teacher(torch.nn.Module):
     """A frozen diffusers pipeline behind one denoiser interface (see the module docstring).
 
@@ -101,11 +110,7 @@ class Teacher(torch.nn.Module):
             kwargs["variant"] = variant
         if not pickle_allowed():  # .bin/.ckpt weights are pickles, which run code when loaded
             kwargs["use_safetensors"] = True
-        if "safety_checker" in config:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        # A component saved as null (an SD3 without T5) must be passed as None, or from_pretrained refuses the folder.
-        kwargs.update({name: None for name, value in config.items()
-                       if not name.startswith("_") and isinstance(value, (list, tuple)) and value[0] is None})
+        kwargs.update(null_components(config))
         try:
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as err:  # the library raises OSError, ValueError, SafetensorError, ... for bad folders
