@@ -1,4 +1,4 @@
-"""The `distill` command line: demo, train, sample, export, eval, report, data, ls, setup.
+"""The `distill` command line: demo, train, sample, tune-sampler, export, eval, report, data, ls, setup.
 
 Every command prints one clear sentence and exits non-zero on a mistake a user can fix;
 `distill --debug ...` shows the traceback as well.
@@ -156,6 +156,32 @@ def sample(source, prompts, steps, seed, out, teacher_steps, guidance_scale):
     path = sample_grid(source, list(prompts), steps, seed, out, teacher_steps=teacher_steps,
                        guidance_scale=guidance_scale)
     click.echo(f"grid written: {path}")
+
+
+@main.command(name="tune-sampler")
+@click.argument("source", type=click.Path())
+@click.option("--steps", default="2,4", show_default=True, callback=_step_list, help="Step counts to tune, e.g. 2,4,8.")
+@click.option("--num-samples", "-n", default=512, show_default=True, help="Samples per scored schedule.")
+@click.option("--reference", default="emoji:32", show_default=True, help="Real images and captions: a dataset source.")
+@click.option("--feature-net", default="effnet-lite1", show_default=True,
+              help="KID features: any backbone but the eval's judge (effnet-lite1, dinov2[:<hub id>]).")
+@click.option("--max-evals", default=24, show_default=True, help="Schedules scored per step count, at most.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Prompt choice and noise (not the eval's 0).")
+def tune_sampler(source, steps, num_samples, reference, feature_net, max_evals, seed):
+    """Choose which grid timesteps a consistency student visits at each step count and pin them in its student.json:
+    distill tune-sampler runs/002-lcm-emoji_sd_lora --steps 2,4
+
+    A coordinate search over the student's N-point grid, scored by KID on a network that is not the eval's judge;
+    `distill sample`, `distill eval` and exports then use the pinned timesteps. Measure the result with distill eval.
+    """
+    from distill.tune import tune_source
+
+    found = tune_source(source, steps, num_samples, reference, feature_net, seed=seed, max_evals=max_evals,
+                        log=click.echo)
+    for k, row in found.items():
+        verdict = "pinned" if row["tuned"] != row["default"] else "kept (no schedule scored lower)"
+        click.echo(f"{k} steps: {row['default']} (KID {row['kid_default']:.2f}) -> {row['tuned']} "
+                   f"(KID {row['kid_tuned']:.2f}), {verdict}; {row['evaluations']} schedules scored")
 
 
 @main.command(name="ls")

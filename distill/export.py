@@ -105,7 +105,7 @@ def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str
         load = f'pipe = {cls}.from_pretrained("{out}"{nulls})  # its scheduler is {spec.scheduler}\n'
     steps = spec.steps[len(spec.steps) // 2] if spec.steps else 4
     extra = "".join(f", {k}={v!r}" for k, v in {**info.pipeline_kwargs,
-                                                  **({"sigmas": spec.sigmas[str(steps)]} if spec.sigmas else {})}.items())
+                                                  **spec.pinned(steps)}.items())
     call = (f'image = pipe("a prompt", num_inference_steps={steps}, guidance_scale={spec.guidance_scale:g}{extra})'
             '.images[0]\n')
     lines = ["---", f"base_model: {info.teacher}", "library_name: diffusers", "tags:",
@@ -118,7 +118,7 @@ def model_card(info: StudentInfo, out: Path, numbers: dict | None = None) -> str
              f"- scheduler: `{spec.scheduler}` built from the teacher's scheduler config with {settings or 'no changes'}",
              f"- steps: {', '.join(map(str, spec.steps))}; guidance_scale: {spec.guidance_scale:g} (it imitates the "
              f"teacher at guidance {info.teacher_guidance_scale:g})",
-             *([f"- timesteps: {spec.timesteps}"] if spec.timesteps else []),
+             *([f"- timesteps per step count (tuned; passed to the pipeline): {spec.timesteps}"] if spec.timesteps else []),
              *([f"- sigmas per step count (passed to the pipeline, before the scheduler's shift): {spec.sigmas}"]
                if spec.sigmas else []),
              *([f"- discriminator features: {info.feature_network}"] if info.feature_network else []),

@@ -27,7 +27,8 @@ class SamplerSpec:
     config: dict = field(default_factory=dict)  # settings applied over the teacher's scheduler config
     guidance_scale: float = 1.0  # what to pass to the pipeline (1: no CFG pass)
     steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the step counts it was made for
-    timesteps: list[int] | None = None  # fixed timesteps a method samples at (passed to the pipeline), if any
+    timesteps: dict[str, list[int]] | None = None  # per step count, the pipeline's `timesteps=` (a tuned schedule,
+    #   `distill tune-sampler`); step counts not named keep the scheduler's own spacing
     sigmas: dict[str, list[float]] | None = None  # per step count, the pipeline's `sigmas=` for a flow student
     #   (before the scheduler's shift): an ADD student's own grid, which FlowMatchLCMScheduler's spacing would miss
 
@@ -48,6 +49,15 @@ class SamplerSpec:
         if over:
             raise ConfigError(f"{what} cannot take {', '.join(map(str, over))} steps: its sampler ({self.scheduler}) "
                               f"walks a grid of N = {limit} timesteps; ask for at most {limit} steps.")
+
+    def pinned(self, steps: int) -> dict:
+        """What `set_timesteps` (or a pipeline call) takes besides the step count to visit this step count's pinned
+        schedule: {"sigmas": ...}, {"timesteps": ...}, or {} for the scheduler's own spacing."""
+        if self.sigmas and str(steps) in self.sigmas:
+            return {"sigmas": self.sigmas[str(steps)]}
+        if self.timesteps and str(steps) in self.timesteps:
+            return {"timesteps": self.timesteps[str(steps)]}
+        return {}
 
     def build(self, teacher_scheduler_config):
         """The scheduler instance: `<scheduler>.from_config(teacher config, **config)`."""

@@ -72,7 +72,7 @@ def control_candidate(model, source: str, student: models.Candidate) -> models.C
     cand = models.Candidate(f"control[{student.name}]", "teacher", "teacher", source, model,
                             student.scheduler_cls, dict(student.scheduler_config), guidance,
                             f"control: the untrained teacher sampled as {student.name} is", {"control_of": student.name},
-                            sigmas=student.sigmas)
+                            sigmas=student.sigmas, timesteps=student.timesteps)
     return cand
 
 

@@ -73,10 +73,7 @@ def student_times(student: models.Candidate, schedule) -> list:
     found = set()
     for steps in (s for s in GAP_STEPS if student.supports(s)):
         scheduler = student.scheduler()
-        if student.sigmas:
-            scheduler.set_timesteps(sigmas=student.sigmas[str(steps)])
-        else:
-            scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(**(student.pinned(steps) or {"num_inference_steps": steps}))
         found |= set(schedule.from_model_time(scheduler.timesteps).tolist())
     return sorted(found, reverse=True)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from distill.errors import ConfigError, ModelError
+from distill.info import SamplerSpec
 from distill.teacher import Cond, Teacher, dtype_kwarg
 
 # The single few-step baseline when the sweep is off: trailing DDIM on the VP schedule, the stock Euler on flow.
@@ -47,6 +48,7 @@ class Candidate:
     description: str
     metadata: dict = field(default_factory=dict)
     sigmas: dict | None = None  # {str(steps): sigmas} a flow student samples at (its sampler spec), if pinned
+    timesteps: dict | None = None  # {str(steps): timesteps} a tuned schedule (its sampler spec), if pinned
 
     @property
     def guidance_input(self) -> bool:
@@ -66,6 +68,10 @@ class Candidate:
             return str(steps) in self.sigmas
         limit = self.scheduler_config.get("original_inference_steps") if self.scheduler_cls.__name__ == "LCMScheduler" else None
         return limit is None or steps <= limit
+
+    def pinned(self, steps: int) -> dict:
+        """`set_timesteps` keywords for this step count's pinned schedule ({} for the scheduler's own spacing)."""
+        return SamplerSpec("", sigmas=self.sigmas, timesteps=self.timesteps).pinned(steps)
 
     def nfe(self, steps: int) -> int:
         """UNet evaluations per image: steps, doubled by CFG."""
@@ -183,7 +189,7 @@ def load_student(source: str, teacher_source: str, device: str, dtype: torch.dty
                 "adapter_mb": adapter_mb, "training": info.training or _run_training(path)}
     scheduler = pipe.scheduler
     return Candidate(_name(path), "student", kind, str(path), model, type(scheduler), dict(scheduler.config),
-                     float(info.guidance_scale), what, metadata, sigmas=info.sampler.sigmas)
+                     float(info.guidance_scale), what, metadata, sigmas=info.sampler.sigmas, timesteps=info.sampler.timesteps)
 
 
 def _bare_lora(path: Path) -> bool:
@@ -314,10 +320,8 @@ def denoise(candidate: Candidate, steps: int, cond: Cond, noise: torch.Tensor,
     if hasattr(candidate, "spec"):  # a cascade: the student drafts, the teacher refines
         return candidate.denoise(steps, cond, noise, generators)
     model, scheduler = candidate.model, candidate.scheduler()
-    if candidate.sigmas:
-        scheduler.set_timesteps(sigmas=candidate.sigmas[str(steps)], device=model.device)
-    else:
-        scheduler.set_timesteps(steps, device=model.device)
+    pinned = candidate.pinned(steps)
+    scheduler.set_timesteps(**({"num_inference_steps": steps} if not pinned else pinned), device=model.device)
     z = (noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)).to(model.dtype)  # flow: none, 1
     w = 1.0 if not candidate.cfg else candidate.guidance_scale
     w_embedding = guidance_cond(candidate, len(z))

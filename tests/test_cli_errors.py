@@ -373,3 +373,20 @@ def test_a_teacher_trained_here_that_is_not_there_yet_names_the_command_that_mak
     lora = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "lcm" / "emoji_sd3_lora.yaml"
     one_sentence(train(str(lora), f"teacher={missing}", out), "does not exist yet", "distill train teacher_sd3/mini")
     assert not (tmp_path / "runs").exists()  # refused before a run folder
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--feature-net", "effnet-lite0"], ["the eval's judge"]),
+    (["--steps", "1,4"], ["one step has nothing to choose", "2 or more"]),
+])
+def test_tune_sampler_refuses_the_judge_and_one_step_before_anything_loads(lora_run, monkeypatch, args, words):
+    import distill.sampling
+
+    monkeypatch.setattr(distill.sampling, "load_student_pipeline", lambda *a, **k: pytest.fail("the student loaded"))
+    one_sentence(invoke("tune-sampler", lora_run, *args), *words)
+
+
+def test_tune_sampler_refuses_what_is_not_a_consistency_student(tiny_sd_v_path, tmp_path):
+    (tmp_path / "x").mkdir()
+    one_sentence(invoke("tune-sampler", tmp_path / "x"), "holds no student", "train it first")
+    one_sentence(invoke("tune-sampler", tiny_sd_v_path), "is a plain pipeline", "pass an LCM run folder or export")

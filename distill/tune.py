@@ -1,0 +1,156 @@
+"""Tuning a consistency student's few-step schedule: which points of its training grid the sampler visits.
+
+`LCMScheduler` spaces k steps evenly over the student's grid of N timesteps and stops well above t = 0 (4 steps on
+N = 10: 999, 799, 499, 299). Which points serve a given student best is an empirical question, and cheap to answer:
+sampling is a few network calls. `search` is a greedy coordinate descent over subsets of the grid that keep the top
+point (the sampler starts from pure noise) and score them with a callable; `score_schedules` scores by KID
+(`distill.probe.kid`) of a few hundred samples on a frozen network that must not be the eval's judge, so that the
+judge's numbers for the tuned sampler stay honest. The result is pinned in the student's sampler spec
+(`SamplerSpec.timesteps`), which a pipeline takes as `timesteps=`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Schedule = tuple[int, ...]  # ascending positions on the grid, 0 = its top (t = 999 on N = 10)
+
+
+def neighbours(schedule: Schedule, size: int) -> list[Schedule]:
+    """Schedules one grid position from `schedule`: each point but the first moved one position up or down,
+    where the points stay distinct, ordered and on a grid of `size` positions."""
+    out = []
+    for i in range(1, len(schedule)):
+        for move in (-1, 1):
+            p = schedule[i] + move
+            below = schedule[i - 1]
+            above = schedule[i + 1] if i + 1 < len(schedule) else size
+            if below < p < above:
+                out.append(schedule[:i] + (p,) + schedule[i + 1:])
+    return out
+
+
+def search(score: Callable[[Schedule], float], start: Schedule, size: int, max_evals: int = 24,
+           margin: float = 0.0) -> tuple[Schedule, list[dict]]:
+    """Greedy coordinate descent from `start`: score every neighbour of the current best, move to the best of them
+    when it beats the current one by more than `margin`, stop when none does or `max_evals` scores are spent.
+
+    Returns (the best schedule, every scored schedule as {"schedule", "score"} in the order scored). Lower is better.
+    """
+    history = [{"schedule": start, "score": float(score(start))}]
+    best = history[0]
+    while len(history) < max_evals:
+        seen = {h["schedule"] for h in history}
+        fresh = [s for s in neighbours(best["schedule"], size) if s not in seen][:max_evals - len(history)]
+        if not fresh:
+            break
+        scored = [{"schedule": s, "score": float(score(s))} for s in fresh]
+        history += scored
+        challenger = min(scored, key=lambda h: h["score"])
+        if challenger["score"] >= best["score"] - margin:
+            break
+        best = challenger
+    return best["schedule"], history
+
+
+def grid_and_start(scheduler, grid_size: int, steps: int) -> tuple[list[int], Schedule]:
+    """The scheduler's grid of `grid_size` timesteps (descending) and where its own k-step spacing sits on it."""
+    scheduler.set_timesteps(grid_size)
+    grid = [int(t) for t in scheduler.timesteps]
+    scheduler.set_timesteps(steps)
+    return grid, tuple(grid.index(int(t)) for t in scheduler.timesteps)
+
+
+def pipeline_images(pipe, prompts: list[str], timesteps: list[int], guidance_scale: float, seed: int,
+                    batch: int = 64) -> Tensor:
+    """Images [B, 3, H, W] in [-1, 1] from a pipeline at the given timesteps; batch i draws from seed + i."""
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(prompts), batch):
+        torch.manual_seed(seed + i)  # pipelines that re-noise from the global generator repeat too
+        generator = torch.Generator().manual_seed(seed + i)
+        images = pipe(prompts[i:i + batch], num_inference_steps=len(timesteps), timesteps=list(timesteps),
+                      guidance_scale=guidance_scale, generator=generator, output_type="pt").images
+        out.append(images.float().cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+def tune_student(folder, pipe, info, steps: list[int], prompts: list[str], real_features: Tensor, features,
+                 seed: int = 1, max_evals: int = 24, log=print) -> dict:
+    """Search each step count's schedule for the LCMScheduler student `info` loaded in `pipe`, scored by the KID of
+    `len(prompts)` samples (`features`: images -> [B, C], never the judge's) against `real_features`. Pins the best
+    schedules that differ from the default into `info.sampler.timesteps`, writes `folder`/student.json, and returns
+    {steps: {"default", "kid_default", "tuned", "kid_tuned", "evaluations"}}."""
+    from distill.probe import kid
+
+    size = info.sampler.max_steps
+    found = {}
+    for k in steps:
+        grid, start = grid_and_start(info.sampler.build(pipe.scheduler.config), size, k)
+
+        def score(schedule: Schedule, k=k, grid=grid) -> float:
+            times = [grid[i] for i in schedule]
+            value = kid(real_features, features(pipeline_images(pipe, prompts, times, info.guidance_scale, seed)))
+            log(f"[tune] {k} steps at {times}: KID {value:.2f}")
+            return value
+
+        best, history = search(score, start, size, max_evals=max_evals)
+        found[str(k)] = {"default": [grid[i] for i in start], "kid_default": history[0]["score"],
+                         "tuned": [grid[i] for i in best], "kid_tuned": min(h["score"] for h in history),
+                         "evaluations": len(history)}
+    pins = {k: v["tuned"] for k, v in found.items() if v["tuned"] != v["default"]}
+    info.sampler.timesteps = {**(info.sampler.timesteps or {}), **pins} or None
+    info.details["tuned_timesteps"] = {"kid_on": getattr(features, "name", str(features)), "samples": len(prompts),
+                                       "seed": seed, **found}
+    info.save(folder)
+    return found
+
+
+def tune_source(source, steps: list[int], num_samples: int = 512, reference: str = "emoji:32",
+                feature_net: str = "effnet-lite1", resolution: int = 64, seed: int = 1, max_evals: int = 24,
+                num_reference: int = 2000, device=None, log=print) -> dict:
+    """`distill tune-sampler`: everything checked before a model loads, then `tune_student` on a run folder or a
+    LoRA / pipeline export; its student.json is updated in place. The prompts and the `num_reference` real images
+    are disjoint rows of `reference`, shuffled by `seed`."""
+    from pathlib import Path
+
+    from distill.backbones import check_backbone
+    from distill.data import load_image_dataset
+    from distill.errors import ConfigError
+    from distill.probe import PooledFeatures
+    from distill.sampling import check_sample, load_student_pipeline, student_info_folder
+
+    source = Path(source)
+    check_backbone(feature_net, "--feature-net")
+    info = check_sample(source, steps, source / "tune.png", None)
+    if info is None or info.sampler.scheduler != "LCMScheduler":
+        what = "a plain pipeline" if info is None else f"a {info.sampler.scheduler} student"
+        raise ConfigError(f"{source} is {what}: tune-sampler chooses LCMScheduler timesteps on a consistency "
+                          "student's grid; pass an LCM run folder or export.")
+    if any(k < 2 for k in steps):
+        raise ConfigError(f"--steps {','.join(map(str, steps))}: one step has nothing to choose (it starts at the "
+                          "top of the grid); ask for 2 or more.")
+    rows = load_image_dataset(reference).shuffle(seed=seed)
+    prompts = list(rows.select(range(num_samples))["caption"])
+    features = PooledFeatures(feature_net, resolution)
+    pipe, info = load_student_pipeline(source, device=device)
+    resolution_px = pipe.vae_scale_factor * _sample_size(pipe)
+    reals = _images(rows.select(range(num_samples, min(len(rows), num_samples + num_reference))), resolution_px)
+    return tune_student(student_info_folder(source), pipe, info, steps, prompts, features(reals), features,
+                        seed=seed, max_evals=max_evals, log=log)
+
+
+def _sample_size(pipe) -> int:
+    network = getattr(pipe, "unet", None) or pipe.transformer
+    return int(network.config.sample_size)
+
+
+def _images(rows, resolution: int) -> Tensor:
+    """A dataset's images as [B, 3, R, R] in [-1, 1], as training sees them."""
+    from distill.data import ImageCaptionDataset
+
+    data = ImageCaptionDataset(rows, resolution, caption_column=None)
+    return torch.stack([data[i]["pixel_values"] for i in range(len(data))])

@@ -1,0 +1,92 @@
+"""The sampler-schedule search (distill.tune) and pinned timesteps in a student's sampler spec."""
+
+import json
+
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.info import SamplerSpec, StudentInfo
+from distill.tune import grid_and_start, neighbours, search
+
+
+def test_neighbours_move_one_point_one_position_keeping_the_top_and_the_order():
+    assert neighbours((0, 2, 5, 7), 10) == [(0, 1, 5, 7), (0, 3, 5, 7), (0, 2, 4, 7), (0, 2, 6, 7),
+                                           (0, 2, 5, 6), (0, 2, 5, 8)]
+    assert neighbours((0, 1, 2), 3) == []  # packed against each other and the grid's end: nowhere to go
+
+
+def test_search_walks_to_the_best_schedule_and_counts_its_scores():
+    target = (0, 6, 8, 9)
+
+    def score(s):
+        return sum(abs(a - b) for a, b in zip(s, target))
+
+    best, history = search(score, (0, 2, 5, 7), 10, max_evals=100)
+    assert best == target
+    assert history[0] == {"schedule": (0, 2, 5, 7), "score": 9.0}
+    assert len({h["schedule"] for h in history}) == len(history)  # nothing scored twice
+    few, history = search(score, (0, 2, 5, 7), 10, max_evals=5)
+    assert len(history) == 5 and score(few) < 9
+
+
+def test_search_stays_put_when_no_neighbour_beats_the_margin():
+    best, history = search(lambda s: 1.0 + 0.01 * s[1], (0, 3), 10, margin=0.5)
+    assert best == (0, 3) and len(history) == 3  # the start and its two neighbours
+
+
+def test_grid_and_start_are_lcm_schedulers_own():
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(original_inference_steps=10)
+    grid, start = grid_and_start(scheduler, 10, 4)
+    assert grid == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert [grid[i] for i in start] == [999, 799, 499, 299]  # what LCMScheduler visits at 4 steps
+
+
+def test_pinned_timesteps_are_what_set_timesteps_is_given():
+    from diffusers import LCMScheduler
+
+    spec = SamplerSpec("LCMScheduler", config={"original_inference_steps": 10}, timesteps={"4": [999, 399, 199, 99]})
+    assert spec.pinned(4) == {"timesteps": [999, 399, 199, 99]} and spec.pinned(2) == {}
+    scheduler = spec.build(LCMScheduler().config)
+    scheduler.set_timesteps(**spec.pinned(4))
+    assert scheduler.timesteps.tolist() == [999, 399, 199, 99]
+    assert SamplerSpec("FlowMatchLCMScheduler", sigmas={"1": [1.0]}).pinned(1) == {"sigmas": [1.0]}
+
+
+def test_tune_sampler_pins_a_schedule_that_eval_and_sample_then_visit(tiny_sd_path, tmp_path):
+    from evals.models import load_student
+    from tests.evals.students import lora_run
+
+    from distill.tune import tune_source
+
+    run = lora_run(tmp_path, tiny_sd_path)
+    torch.manual_seed(0)
+    found = tune_source(run, [4], num_samples=8, max_evals=4, num_reference=32, log=lambda *_: None)
+    row = found["4"]
+    assert row["default"] == [999, 759, 499, 259] and row["evaluations"] == 4  # LCMScheduler's 4 of N = 50
+    assert row["kid_tuned"] <= row["kid_default"]
+    saved = json.loads((run / "student" / "student.json").read_text())
+    assert saved["details"]["tuned_timesteps"]["4"] == row
+    info = StudentInfo.load(run / "student")
+    expected = row["tuned"] if row["tuned"] != row["default"] else None
+    assert (info.sampler.timesteps or {}).get("4") == expected
+    info.sampler.timesteps = {"4": [999, 499, 199, 59]}  # a pin we know, to check who honours it
+    info.save(run / "student")
+    student = load_student(str(run), str(tiny_sd_path), "cpu", torch.float32, False, None)
+    scheduler = student.scheduler()
+    scheduler.set_timesteps(**student.pinned(4))
+    assert scheduler.timesteps.tolist() == [999, 499, 199, 59]
+
+
+def test_tune_sampler_refuses_the_judge_and_one_step(tiny_sd_path, tmp_path):
+    from tests.evals.students import lora_run
+
+    from distill.tune import tune_source
+
+    run = lora_run(tmp_path, tiny_sd_path)
+    with pytest.raises(ConfigError, match="judge"):
+        tune_source(run, [4], feature_net="effnet-lite0")
+    with pytest.raises(ConfigError, match="one step has nothing to choose"):
+        tune_source(run, [1, 4])
