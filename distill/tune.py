@@ -2,7 +2,7 @@
 
 `LCMScheduler` spaces k steps evenly over the student's grid of N timesteps and stops well above t = 0 (4 steps on
 N = 10: 999, 799, 499, 299). Which points serve a given student best is an empirical question, and cheap to answer:
-sampling is a few network calls. `search` is a greedy coordinate descent over subsets of the grid that keep the top
+sampling is a few network calls. `search` is a coordinate descent (a line search per point) over subsets of the grid that keep the top
 point (the sampler starts from pure noise) and score them with a callable; `score_schedules` scores by KID
 (`distill.probe.kid`) of a few hundred samples on a frozen network that must not be the eval's judge, so that the
 judge's numbers for the tuned sampler stay honest. The result is pinned in the student's sampler spec
@@ -19,41 +19,41 @@ from torch import Tensor
 Schedule = tuple[int, ...]  # ascending positions on the grid, 0 = its top (t = 999 on N = 10)
 
 
-def neighbours(schedule: Schedule, size: int) -> list[Schedule]:
-    """Schedules one grid position from `schedule`: each point but the first moved one position up or down,
-    where the points stay distinct, ordered and on a grid of `size` positions."""
-    out = []
-    for i in range(1, len(schedule)):
-        for move in (-1, 1):
-            p = schedule[i] + move
-            below = schedule[i - 1]
-            above = schedule[i + 1] if i + 1 < len(schedule) else size
-            if below < p < above:
-                out.append(schedule[:i] + (p,) + schedule[i + 1:])
-    return out
+def line(schedule: Schedule, i: int, size: int) -> list[Schedule]:
+    """`schedule` with point i at every position between its neighbours (the last point: down to the grid's end)."""
+    above = schedule[i + 1] if i + 1 < len(schedule) else size
+    return [schedule[:i] + (p,) + schedule[i + 1:] for p in range(schedule[i - 1] + 1, above)]
 
 
 def search(score: Callable[[Schedule], float], start: Schedule, size: int, max_evals: int = 24,
            margin: float = 0.0) -> tuple[Schedule, list[dict]]:
-    """Greedy coordinate descent from `start`: score every neighbour of the current best, move to the best of them
-    when it beats the current one by more than `margin`, stop when none does or `max_evals` scores are spent.
+    """Coordinate descent with a line search from `start`: for each point but the first (the top), last point first,
+    score it at every position between its neighbours and move it to the best one when that beats the current
+    schedule by more than `margin`. Sweeps repeat until one moves nothing or `max_evals` scores are spent. Whole
+    lines, not one-position moves: a single position often changes KID by less than its noise.
 
     Returns (the best schedule, every scored schedule as {"schedule", "score"} in the order scored). Lower is better.
     """
-    history = [{"schedule": start, "score": float(score(start))}]
-    best = history[0]
-    while len(history) < max_evals:
-        seen = {h["schedule"] for h in history}
-        fresh = [s for s in neighbours(best["schedule"], size) if s not in seen][:max_evals - len(history)]
-        if not fresh:
-            break
-        scored = [{"schedule": s, "score": float(score(s))} for s in fresh]
-        history += scored
-        challenger = min(scored, key=lambda h: h["score"])
-        if challenger["score"] >= best["score"] - margin:
-            break
-        best = challenger
-    return best["schedule"], history
+    scores: dict[Schedule, float] = {}
+    history: list[dict] = []
+
+    def value(candidate: Schedule) -> float:
+        if candidate not in scores:
+            scores[candidate] = float(score(candidate))
+            history.append({"schedule": candidate, "score": scores[candidate]})
+        return scores[candidate]
+
+    best, moved = start, True
+    value(start)
+    while moved and len(history) < max_evals:
+        moved = False
+        for i in reversed(range(1, len(best))):
+            room = max_evals - len(history)
+            fresh = [c for c in line(best, i, size) if c not in scores][:room]
+            champion = min([c for c in line(best, i, size) if c in scores] + fresh, key=value)
+            if value(champion) < value(best) - margin:
+                best, moved = champion, True
+    return best, history
 
 
 def grid_and_start(scheduler, grid_size: int, steps: int) -> tuple[list[int], Schedule]:

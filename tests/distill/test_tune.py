@@ -7,16 +7,16 @@ import torch
 
 from distill.errors import ConfigError
 from distill.info import SamplerSpec, StudentInfo
-from distill.tune import grid_and_start, neighbours, search
+from distill.tune import grid_and_start, line, search
 
 
-def test_neighbours_move_one_point_one_position_keeping_the_top_and_the_order():
-    assert neighbours((0, 2, 5, 7), 10) == [(0, 1, 5, 7), (0, 3, 5, 7), (0, 2, 4, 7), (0, 2, 6, 7),
-                                           (0, 2, 5, 6), (0, 2, 5, 8)]
-    assert neighbours((0, 1, 2), 3) == []  # packed against each other and the grid's end: nowhere to go
+def test_a_line_moves_one_point_between_its_neighbours_keeping_the_top():
+    assert line((0, 2, 5, 7), 3, 10) == [(0, 2, 5, 6), (0, 2, 5, 7), (0, 2, 5, 8), (0, 2, 5, 9)]
+    assert line((0, 2, 5, 7), 1, 10) == [(0, 1, 5, 7), (0, 2, 5, 7), (0, 3, 5, 7), (0, 4, 5, 7)]
+    assert line((0, 1, 2), 2, 3) == [(0, 1, 2)]  # packed against its neighbour and the grid's end
 
 
-def test_search_walks_to_the_best_schedule_and_counts_its_scores():
+def test_search_finds_the_best_schedule_and_scores_each_one_once():
     target = (0, 6, 8, 9)
 
     def score(s):
@@ -30,9 +30,9 @@ def test_search_walks_to_the_best_schedule_and_counts_its_scores():
     assert len(history) == 5 and score(few) < 9
 
 
-def test_search_stays_put_when_no_neighbour_beats_the_margin():
+def test_search_stays_put_when_no_move_beats_the_margin():
     best, history = search(lambda s: 1.0 + 0.01 * s[1], (0, 3), 10, margin=0.5)
-    assert best == (0, 3) and len(history) == 3  # the start and its two neighbours
+    assert best == (0, 3) and len(history) == 9  # the start and the 8 other positions of its one free point
 
 
 def test_grid_and_start_are_lcm_schedulers_own():
