@@ -96,15 +96,17 @@ def lcm_sampler(num_ddim_timesteps: int, timestep_scaling: float, prediction_typ
     and timestep scaling the student was trained with.
 
     LCMScheduler: clipping and thresholding are off (the training targets were never clipped). FlowMatchLCMScheduler
-    takes its shift from the teacher's scheduler config; `times` ({steps: sigmas [steps]}) pins the sigmas of each
-    step count (a student trained on its own grid, as ADD's), which the pipeline is then called with.
+    takes its shift from the teacher's scheduler config, and the sigmas of each step count are pinned (the pipeline
+    is called with them): `times` ({steps: sigmas [steps]}, a student trained on its own grid, as ADD's), by default
+    the schedule's `consistency_times` on the N-point grid (FlowMatchLCMScheduler's own spacing wastes a step).
     """
     name = schedule.lcm_scheduler if schedule is not None else "LCMScheduler"
     if name != "LCMScheduler":
+        steps = [k for k in (steps or [1, 2, 4, 8]) if times or k <= num_ddim_timesteps]
+        times = times or {k: schedule.consistency_times(k, num_ddim_timesteps) for k in steps}
         # the pipeline shifts the sigmas it is given: store the unshifted ones, so it visits exactly these
-        sigmas = {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()} if times else None
-        return SamplerSpec(scheduler=name, guidance_scale=float(guidance_scale), steps=list(steps or [1, 2, 4, 8]),
-                           sigmas=sigmas)
+        sigmas = {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()}
+        return SamplerSpec(scheduler=name, guidance_scale=float(guidance_scale), steps=steps, sigmas=sigmas)
     return SamplerSpec(
         scheduler="LCMScheduler", guidance_scale=float(guidance_scale),
         config=dict(original_inference_steps=num_ddim_timesteps, timestep_scaling=timestep_scaling,

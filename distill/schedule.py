@@ -83,11 +83,7 @@ class VPSchedule:
     def consistency_times(self, steps: int, n: int) -> Tensor:
         """The times a consistency student samples at, descending [steps]: evenly spaced indices into the n-point
         grid, as `LCMScheduler.set_timesteps(steps, original_inference_steps=n)` (long)."""
-        if not 1 <= steps <= n:
-            raise ValueError(f"num_inference_steps must be in [1, {n}], got {steps}.")
-        grid = self.grid(n).flip(0)
-        index = torch.floor(torch.arange(steps, dtype=torch.float64) * n / steps)
-        return grid[index.long()]
+        return spaced(self.grid(n).flip(0), steps)
 
     @classmethod
     def from_scheduler(cls, scheduler, source: str = "the teacher") -> VPSchedule:
@@ -103,6 +99,15 @@ class VPSchedule:
                 )
             abar = DDPMScheduler.from_config(scheduler.config).alphas_cumprod
         return cls(abar, scheduler.config.get("prediction_type", "epsilon"))
+
+
+def spaced(grid: Tensor, steps: int) -> Tensor:
+    """`steps` points of a descending grid at evenly spaced indices floor(i n / steps), from its top
+    (`LCMScheduler.set_timesteps(steps, original_inference_steps=n)`'s choice)."""
+    n = len(grid)
+    if not 1 <= steps <= n:
+        raise ValueError(f"num_inference_steps must be in [1, {n}], got {steps}.")
+    return grid[torch.floor(torch.arange(steps, dtype=torch.float64) * n / steps).long()]
 
 
 class FlowSchedule:
@@ -161,12 +166,12 @@ class FlowSchedule:
         """sigma = timestep / T: a FlowMatch scheduler's `timesteps` (and `sigma * T` configs) back to sigma."""
         return torch.as_tensor(timestep, dtype=torch.float32) / self.num_train_timesteps
 
-    def consistency_times(self, steps: int, n: int | None = None) -> Tensor:
-        """The sigmas `FlowMatchLCMScheduler.set_timesteps(steps)` visits, descending [steps]. They lie on an n-point
-        training grid when (n - 1) is a multiple of (steps - 1): with n = 10, at 1, 2 and 4 steps."""
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {steps}.")
-        return self.grid(steps).flip(0)
+    def consistency_times(self, steps: int, n: int) -> Tensor:
+        """The sigmas a consistency student of the n-point grid samples at, descending [steps]: evenly spaced indices
+        into the grid, as LCMScheduler spaces them on VP. Not FlowMatchLCMScheduler's own spacing, which runs down to
+        sigma_min (0.001), so that its last step is a no-op and 2 steps give what 1 does: flow students pin these
+        in their sampler spec (`SamplerSpec.sigmas`)."""
+        return spaced(self.grid(n).flip(0), steps)
 
     @classmethod
     def from_scheduler(cls, scheduler, source: str = "the teacher", image_seq_len: int | None = None) -> FlowSchedule:

@@ -292,9 +292,9 @@ def test_distill_eval_end_to_end_on_a_flow_teacher_its_sweep_its_consistency_stu
     assert {"teacher@3", "001-flow@1", "001-flow@2"} <= set(rows)
     assert all(math.isfinite(r["quality"]["fd"]) for r in rows.values())
     gap = report["consistency_gap"]["students"]["001-flow"]
-    # sigma x 1000 of FlowMatchLCMScheduler's 1-, 2- and 4-step sigmas at the tiny SD3's shift 3 (1, 2 and 4 steps
-    # share sigma = 1; the lowest is sigma_min shifted twice, as the scheduler does)
-    assert [r["t"] for r in gap] == [1000, 858, 602, 9]
+    # sigma x 1000 of the student's pinned 1-, 2- and 4-step sigmas: indices 0 / 0, 25 / 0, 12, 25, 37 of its N = 50
+    # grid at the tiny SD3's shift 3 (not FlowMatchLCMScheduler's own spacing, whose last step sits at sigma_min)
+    assert [r["t"] for r in gap] == [1000, 903, 743, 496]
     assert all(math.isfinite(r["student_gap"]) for r in gap)
     # near sigma = 0 one Euler step is the ODE solution at the solver's spacing: the control's gap is 0 there
     assert all((r["teacher_one_step_gap"] > 0) == (r["ode_steps"] > 1) for r in gap)

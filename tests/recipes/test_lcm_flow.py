@@ -7,6 +7,7 @@ import torch
 from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
 
 from distill.config import from_dict
+from distill.consistency import lcm_sampler
 from distill.info import LORA_WEIGHTS, StudentInfo
 from distill.sampling import lcm_sample, load_student_pipeline
 from distill.student import LoraStudent
@@ -30,15 +31,21 @@ def _cfg(tmp_path, teacher, kind, **over) -> LcmConfig:
     return from_dict(LcmConfig, data)
 
 
-def test_flow_solver_grid_holds_the_1_2_and_4_step_sampler_times(tiny_sd3_path):
+def test_a_flow_students_pinned_sigmas_lie_on_its_grid_and_the_pipeline_visits_them(tiny_sd3_path):
     schedule = Teacher.from_pretrained(tiny_sd3_path).schedule
     grid = schedule.grid(10)
-    for steps in (1, 2, 4):
-        times = schedule.consistency_times(steps)
-        assert torch.isclose(times[:, None], grid[None]).any(1).all()
+    spec = lcm_sampler(10, 10.0, "flow_prediction", 1.0, schedule=schedule)
+    assert spec.steps == [1, 2, 4, 8] and set(spec.sigmas) == {"1", "2", "4", "8"}
+    for steps in (1, 2, 4, 8):
+        times = schedule.consistency_times(steps, 10)
+        assert torch.isclose(times[:, None], grid[None]).any(1).all()  # every sampling sigma was trained on
+        assert times[-1] > grid[0] + 0.05  # no step wasted at sigma_min (FlowMatchLCMScheduler's own last sigma)
         scheduler = FlowMatchLCMScheduler(shift=schedule.shift)
-        scheduler.set_timesteps(steps)
-        torch.testing.assert_close(times, scheduler.sigmas[:-1])
+        scheduler.set_timesteps(**spec.pinned(steps))
+        torch.testing.assert_close(scheduler.sigmas[:-1], times, atol=1e-5, rtol=0)
+    own = FlowMatchLCMScheduler(shift=schedule.shift)
+    own.set_timesteps(2)
+    assert own.sigmas[1] < 0.01  # why the sigmas are pinned: its own 2 steps end at sigma_min, a step that does nothing
 
 
 def test_lora_run_on_a_flow_teacher_ships_a_lora_sd3_loads_and_samples_as_the_toolkit_does(tiny_sd3_path, tmp_path):
