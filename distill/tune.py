@@ -2,8 +2,8 @@
 
 `LCMScheduler` spaces k steps evenly over the student's grid of N timesteps and stops well above t = 0 (4 steps on
 N = 10: 999, 799, 499, 299). Which points serve a given student best is an empirical question, and cheap to answer:
-sampling is a few network calls. `search` is a coordinate descent (a line search per point) over subsets of the grid that keep the top
-point (the sampler starts from pure noise) and score them with a callable; `score_schedules` scores by KID
+sampling is a few network calls. `search` is a coordinate descent (a line search per point) over subsets of the
+grid that keep the top point (the sampler starts from pure noise), scored by a callable; `tune_student` scores by KID
 (`distill.probe.kid`) of a few hundred samples on a frozen network that must not be the eval's judge, so that the
 judge's numbers for the tuned sampler stay honest. The result is pinned in the student's sampler spec
 (`SamplerSpec.timesteps`), which a pipeline takes as `timesteps=`.
@@ -48,9 +48,9 @@ def search(score: Callable[[Schedule], float], start: Schedule, size: int, max_e
     while moved and len(history) < max_evals:
         moved = False
         for i in reversed(range(1, len(best))):
-            room = max_evals - len(history)
-            fresh = [c for c in line(best, i, size) if c not in scores][:room]
-            champion = min([c for c in line(best, i, size) if c in scores] + fresh, key=value)
+            candidates = line(best, i, size)
+            fresh = [c for c in candidates if c not in scores][:max_evals - len(history)]
+            champion = min([c for c in candidates if c in scores] + fresh, key=value)
             if value(champion) < value(best) - margin:
                 best, moved = champion, True
     return best, history
