@@ -51,17 +51,18 @@ def _flow_vae():
     return vae
 
 
-def build_tiny_sd3(path: str | Path) -> Path:
-    """Build and save a tiny StableDiffusion3Pipeline at `path` (see the module docstring)."""
+def build_tiny_sd3(path: str | Path, patch_size: int = 1) -> Path:
+    """Build and save a tiny StableDiffusion3Pipeline at `path` (see the module docstring); patch_size 2 as the
+    embedded emoji SD3 and SD3 itself."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = Path(path)
     clip, t5 = _tokenizers(path)
     torch.manual_seed(SEED + 7)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        sample_size=8, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, joint_attention_dim=T5_DIM, caption_projection_dim=32,
-        pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16,
+        pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16 // patch_size,
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(),

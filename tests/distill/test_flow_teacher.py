@@ -14,6 +14,14 @@ def sd3(tiny_sd3_path):
 
 
 @pytest.fixture(scope="module")
+def sd3_patch2(tmp_path_factory):
+    """SD3 with 2x2 latent patches, as the embedded emoji SD3 (and SD3 itself): 4x4 image tokens on 8x8 latents."""
+    from distill.tiny_flow import build_tiny_sd3
+
+    return Teacher.from_pretrained(build_tiny_sd3(tmp_path_factory.mktemp("sd3_patch2") / "pipe", patch_size=2))
+
+
+@pytest.fixture(scope="module")
 def flux(tiny_flux_path):
     return Teacher.from_pretrained(tiny_flux_path)
 
@@ -77,7 +85,7 @@ def _mu(patches):
     return calculate_shift(patches, 256, 4096, 0.5, 1.15)
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "sd3_patch2", "flux"])
 def test_transformer_features_are_image_token_maps(name, request):
     teacher = request.getfixturevalue(name)
     z = torch.randn(2, *teacher.latent_shape(16), requires_grad=True)
