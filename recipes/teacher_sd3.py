@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
 
 from distill import engine
 from distill.config import DataConfig, TrainConfig
@@ -319,11 +320,16 @@ def _train(cfg: Sd3TeacherConfig, run) -> Path:
 
 
 def assemble(pipe, cfg: Sd3TeacherConfig) -> None:
-    """save_pretrained, with the VAE's weights file copied byte for byte from `vae_from` (git stores it once)."""
+    """save_pretrained, with the VAE's weights file copied byte for byte from `vae_from` (git stores it once) and the
+    transformer's weights stored in float16 (half the bytes in git history; a plain `from_pretrained` loads them as
+    float32). The pipeline in memory is rounded the same way, so what is sampled and measured next is what ships."""
     out = Path(cfg.teacher)
     pipe.save_pretrained(out, safe_serialization=True)
     weights = "diffusion_pytorch_model.safetensors"
     shutil.copyfile(Path(cfg.vae_from) / "vae" / weights, out / "vae" / weights)
+    half = {k: v.detach().to(torch.float16).contiguous() for k, v in pipe.transformer.state_dict().items()}
+    save_file(half, out / "transformer" / weights, metadata={"format": "pt"})
+    pipe.transformer.load_state_dict({k: v.float() for k, v in half.items()})
 
 
 if __name__ == "__main__":

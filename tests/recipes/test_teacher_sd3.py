@@ -45,6 +45,7 @@ def test_flow_matching_loss_is_zero_for_the_true_velocity():
 @pytest.mark.slow
 def test_short_run_writes_an_sd3_pipeline_that_plain_diffusers_and_distill_load(tmp_path):
     from diffusers import StableDiffusion3Pipeline
+    from safetensors import safe_open
 
     from distill.teacher import Teacher
 
@@ -59,5 +60,8 @@ def test_short_run_writes_an_sd3_pipeline_that_plain_diffusers_and_distill_load(
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(out)).all()
     assert pipe.vae.config.shift_factor == 0.0
+    stored = safe_open(tmp_path / "sd3" / "transformer" / "diffusion_pytorch_model.safetensors", "pt")
+    assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.float16}  # half the bytes in git
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float32}  # a plain load computes in float32
     teacher = Teacher.from_pretrained(tmp_path / "sd3")  # the null T5 is passed as None for the user
     assert teacher.kind == "sd3" and teacher.latent_shape() == (4, 8, 8)
