@@ -90,6 +90,14 @@ def inference_timesteps(num_inference_steps: int, original_steps: int = 50, num_
     return schedule.consistency_times(num_inference_steps, original_steps)
 
 
+def pinned_sigmas(schedule, n: int, steps: list[int], times: dict | None = None) -> dict[str, list[float]]:
+    """{str(k): sigmas} a flow sampler is called with to visit `times` ({k: sigmas [k]}, by default the consistency
+    times of the n-point grid, `schedule.consistency_times(k, n)`) for each step count k of `steps`. The pipeline
+    shifts the sigmas it is given, so the unshifted ones are stored: it then visits exactly these."""
+    times = times or {k: schedule.consistency_times(k, n) for k in steps}
+    return {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()}
+
+
 def lcm_sampler(num_ddim_timesteps: int, timestep_scaling: float, prediction_type: str, guidance_scale: float,
                 steps: list[int] | None = None, schedule=None, times: dict | None = None) -> SamplerSpec:
     """The consistency sampler of the teacher's schedule (`schedule.lcm_scheduler`, default LCMScheduler) with the N
@@ -103,9 +111,7 @@ def lcm_sampler(num_ddim_timesteps: int, timestep_scaling: float, prediction_typ
     name = schedule.lcm_scheduler if schedule is not None else "LCMScheduler"
     if name != "LCMScheduler":
         steps = [k for k in (steps or [1, 2, 4, 8]) if times or k <= num_ddim_timesteps]
-        times = times or {k: schedule.consistency_times(k, num_ddim_timesteps) for k in steps}
-        # the pipeline shifts the sigmas it is given: store the unshifted ones, so it visits exactly these
-        sigmas = {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()}
+        sigmas = pinned_sigmas(schedule, num_ddim_timesteps, steps, times)
         return SamplerSpec(scheduler=name, guidance_scale=float(guidance_scale), steps=steps, sigmas=sigmas)
     return SamplerSpec(
         scheduler="LCMScheduler", guidance_scale=float(guidance_scale),

@@ -7,6 +7,9 @@ evaluations: CFG doubles a step's cost). A baseline spec is
     SchedulerClass[:key=value,...]@g1,g2,...      e.g. "DDIMScheduler:timestep_spacing=trailing@2,3"
 
 the scheduler built from the teacher's own config with those settings, at each guidance scale g (1: no CFG pass).
+One setting is not the scheduler's: `grid=N` pins the sigmas a consistency student of an N-point flow grid samples
+at (FlowMatchLCMScheduler's own spacing runs down to sigma_min, so its last step does nothing and 2 steps give
+what 1 does; the pinned row is the flow counterpart of LCMScheduler's `original_inference_steps`).
 The sweep runs every (spec, guidance, steps) at a screening N (the first `sweep_samples` prompts and seeds of the
 eval, so a full-N row contains its screening subset), ranks them by FD at that N, and re-runs the best per step
 count at the full N. Control rows (`control_candidates`) sample the untrained teacher with a student's own sampler
@@ -15,6 +18,8 @@ and guidance, so what training bought is not confused with what a sampler or dro
 
 from __future__ import annotations
 
+from distill.consistency import pinned_sigmas
+from distill.errors import ConfigError
 from evals import models
 from evals.specs import BaselineSpec, parse_baseline
 
@@ -33,6 +38,7 @@ FLOW_BASELINES = (
     "DPMSolverMultistepScheduler:use_flow_sigmas=true,prediction_type=flow_prediction@2,3",
     "UniPCMultistepScheduler:use_flow_sigmas=true,prediction_type=flow_prediction@3",
     "FlowMatchLCMScheduler@1",
+    "FlowMatchLCMScheduler:grid=50@1",
 )
 SHORT = {"DDIMScheduler": "DDIM", "FlowMatchEulerDiscreteScheduler": "FlowEuler", "FlowMatchLCMScheduler": "FlowLCM", "DPMSolverMultistepScheduler": "DPM++2M", "UniPCMultistepScheduler": "UniPC",
          "EulerDiscreteScheduler": "Euler", "LCMScheduler": "LCM", "EulerAncestralDiscreteScheduler": "EulerA",
@@ -60,10 +66,22 @@ def sweep_candidates(model, source: str, specs: list[str]) -> list[models.Candid
     out = []
     for text in specs:
         spec = parse_baseline(text)
+        config = {k: v for k, v in spec.config.items() if k != "grid"}
         for guidance in spec.guidances:
-            out.append(models.teacher_candidate(model, source, spec.scheduler, spec.config, guidance,
-                                                baseline_name(spec, guidance), "teacher, training-free sampler"))
+            cand = models.teacher_candidate(model, source, spec.scheduler, config, guidance,
+                                            baseline_name(spec, guidance), "teacher, training-free sampler")
+            if "grid" in spec.config:
+                cand.sigmas = grid_sigmas(model.schedule, spec.config["grid"], text)
+            out.append(cand)
     return out
+
+
+def grid_sigmas(schedule, n, spec: str) -> dict[str, list[float]]:
+    """The `grid=N` setting: the sigmas a consistency student of an N-point flow grid samples at, for 1..N steps."""
+    if not hasattr(schedule, "unshifted") or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"Baseline sampler {spec!r}: grid=N (a whole number) pins the sigmas of a flow-matching "
+                          "teacher's FlowMatchLCMScheduler; drop it for this teacher or write e.g. grid=50.")
+    return pinned_sigmas(schedule, n, list(range(1, n + 1)))
 
 
 def control_candidate(model, source: str, student: models.Candidate) -> models.Candidate:

@@ -87,7 +87,12 @@ class EvalSettings:
         from evals.specs import parse_sampler
 
         for spec in self.baselines:
-            parse_sampler(spec).check_steps(self.steps, f"--baseline {spec}")
+            sampler = parse_sampler(spec)
+            sampler.check_steps(self.steps, f"--baseline {spec}")
+            grid = sampler.config.get("grid")
+            if isinstance(grid, int) and max(self.steps) > grid:
+                raise ConfigError(f"--baseline {spec} pins a grid of N = {grid} sigmas and cannot take "
+                                  f"{max(self.steps)} steps; ask for at most {grid} steps or raise grid.")
 
     def _check_judges(self) -> None:
         """Unknown or repeated judges are refused here, before any network is loaded or image generated."""

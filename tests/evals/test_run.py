@@ -298,3 +298,34 @@ def test_distill_eval_end_to_end_on_a_flow_teacher_its_sweep_its_consistency_stu
     assert all(math.isfinite(r["student_gap"]) for r in gap)
     # near sigma = 0 one Euler step is the ODE solution at the solver's spacing: the control's gap is 0 there
     assert all((r["teacher_one_step_gap"] > 0) == (r["ode_steps"] > 1) for r in gap)
+
+
+def test_the_flow_sweeps_grid_row_visits_a_consistency_students_sigmas_not_the_schedulers_own(tiny_sd3_path):
+    from distill.consistency import lcm_sampler
+    from distill.errors import ConfigError
+    from evals.baselines import grid_sigmas, sweep_candidates
+
+    usual, _ = models.load_teacher(str(tiny_sd3_path), "cpu", torch.float32, 3.0, None)
+    own, pinned = sweep_candidates(usual.model, usual.source, ["FlowMatchLCMScheduler@1",
+                                                               "FlowMatchLCMScheduler:grid=50@1"])
+    assert pinned.name == "teacher[FlowLCM-grid=50,no-cfg]" and own.sigmas is None
+    student = lcm_sampler(50, 10.0, "flow_prediction", 1.0, [1, 2, 4], schedule=usual.model.schedule)
+    for k in (1, 2, 4):  # what a student of the 50-point grid is sampled at, hence its control row too
+        assert pinned.pinned(k) == student.pinned(k)
+    visited = []
+    for cand in (own, pinned):
+        scheduler = cand.scheduler()
+        scheduler.set_timesteps(**(cand.pinned(2) or {"num_inference_steps": 2}))
+        visited.append(scheduler.sigmas[:2].tolist())
+    assert visited[0][1] < 0.01 < visited[1][1]  # own spacing: the second step sits at sigma_min and does nothing
+    with pytest.raises(ConfigError, match="grid=N"):
+        grid_sigmas(usual.model.schedule, "fifty", "FlowMatchLCMScheduler:grid=fifty@1")
+
+
+def test_a_grid_baseline_refuses_more_steps_than_its_grid_before_any_work():
+    from distill.errors import ConfigError
+    from evals.settings import EvalSettings
+
+    EvalSettings(teacher="t", out="o", steps=[1, 2, 4], baselines=["FlowMatchLCMScheduler:grid=4@1"]).check()
+    with pytest.raises(ConfigError, match="grid of N = 4 sigmas and cannot take 8 steps"):
+        EvalSettings(teacher="t", out="o", steps=[1, 8], baselines=["FlowMatchLCMScheduler:grid=4@1"]).check()
