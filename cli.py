@@ -265,6 +265,7 @@ def _name_list(value: str) -> list[str]:
 @_setting("--compile", is_flag=True, help="torch.compile the UNets (GPU).")
 @_setting("--latency-runs", help="Timed batch-1 runs per configuration.")
 @_setting("--latency-warmup", help="Untimed batch-1 runs before those.")
+@_setting("--latency-seconds", help="Stop a configuration's timed runs after this long (at least 5; 0: no cap).")
 @_setting("--diversity-prompts", help="Prompts sampled several times for diversity.")
 @_setting("--diversity-samples", help="Seeds per diversity prompt.")
 @_setting("--baseline", "baselines", multiple=True,

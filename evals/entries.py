@@ -125,7 +125,8 @@ def protocol(settings: EvalSettings, device: str, prompt_source: str, real: Real
         "teacher": settings.teacher, "teacher_steps": settings.teacher_steps, "steps": list(settings.steps),
         "device": device, "device_name": name, "dtype": settings.dtype,
         "threads": torch.get_num_threads(), "batch_size": settings.batch_size, "compile": settings.compile,
-        "latency": {"runs": settings.latency_runs, "warmup": settings.latency_warmup, "batch_size": 1},
+        "latency": {"runs": settings.latency_runs, "warmup": settings.latency_warmup, "batch_size": 1,
+                    "seconds_cap": settings.latency_seconds},
         "price_per_gpu_hour": settings.price_per_gpu_hour,
         "cost_note": (f"{settings.price_per_gpu_hour:g} USD per GPU hour" if device.startswith("cuda") else
                       f"CPU time on this machine, priced at {settings.price_per_gpu_hour:g} USD per hour as given"),

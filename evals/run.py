@@ -219,8 +219,10 @@ def evaluate_candidate(group, prompts, settings, measure, state, rows, grids, ti
             f"NFE {cand.nfe(steps)})")
         gen = generate(cand, steps, prompts, conds, settings, measure, label)
         t1 = time.perf_counter()
-        log(f"{label}: batch-1 latency, {settings.latency_runs} runs after {settings.latency_warmup} warm-up")
-        lat = speed.latency(cand, steps, prompts[0], settings.latency_runs, settings.latency_warmup, settings.seed)
+        cap = f" or {settings.latency_seconds:g} s" if settings.latency_seconds > 0 else ""
+        log(f"{label}: batch-1 latency, {settings.latency_runs} runs{cap} after {settings.latency_warmup} warm-up")
+        lat = speed.latency(cand, steps, prompts[0], settings.latency_runs, settings.latency_warmup, settings.seed,
+                            settings.latency_seconds or None)
         _add(timings, "latency_s", time.perf_counter() - t1)
         t2 = time.perf_counter()
         row = _scored_row(cand, steps, gen, text_ms, lat, prompts, settings, measure, state)

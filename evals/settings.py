@@ -40,6 +40,7 @@ class EvalSettings:
     compile: bool = False
     latency_runs: int = 20
     latency_warmup: int = 3
+    latency_seconds: float = 10.0  # a configuration's timed runs stop after this long (5 runs at least; 0: no cap)
     diversity_prompts: int = 8
     diversity_samples: int = 4
     # The training-free sweep: the teacher at --steps under each sampler spec (Class[:k=v]@g1,g2); its best per
@@ -61,6 +62,8 @@ class EvalSettings:
             raise ConfigError("--steps and --teacher-steps must be positive step counts, e.g. --steps 1,2,4,8.")
         if self.batch_size < 1 or self.latency_runs < 1:
             raise ConfigError("--batch-size and --latency-runs must be 1 or more.")
+        if self.latency_seconds < 0:
+            raise ConfigError(f"--latency-seconds {self.latency_seconds:g} is negative: give seconds, or 0 for no cap.")
         if self.diversity_samples < 2:
             raise ConfigError("--diversity-samples must be 2 or more (diversity compares samples of one prompt).")
         if self.price_per_gpu_hour < 0:

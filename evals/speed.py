@@ -84,13 +84,20 @@ def _cv(batches: list[dict]) -> float:
     return (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / mean
 
 
+MIN_TIMED_RUNS = 5
+
+
 def latency(candidate: models.Candidate, steps: int, prompt: str, runs: int = 20, warmup: int = 3,
-            seed: int = 0) -> dict:
-    """Batch-1 latency of `candidate` at `steps`: p50/p95 end to end and p50 of each stage, in ms."""
+            seed: int = 0, budget_s: float | None = None) -> dict:
+    """Batch-1 latency of `candidate` at `steps`: p50/p95 end to end and p50 of each stage, in ms. With `budget_s`,
+    timing stops once the timed runs have taken that long and at least MIN_TIMED_RUNS ran: a 50-step teacher on a
+    CPU spends ~1 s a run, and 20 of them buy little over 5 for a median ("runs" says how many were timed)."""
     device = candidate.model.device
     records = []
     with PeakMemory(device) as peak:
         for i in range(warmup + runs):
+            if budget_s is not None and len(records) >= MIN_TIMED_RUNS and _spent(records) > budget_s:
+                break
             gens = models.sample_generators(seed, [i])
             noise = models.initial_noise(candidate, gens)
             clock = StageClock(device)
@@ -102,11 +109,15 @@ def latency(candidate: models.Candidate, steps: int, prompt: str, runs: int = 20
                 records.append(clock.batches[0])
     total = [1000 * sum(r[s] for s in StageClock.STAGES) for r in records]
     return {
-        "runs": runs, "warmup": warmup,
+        "runs": len(records), "warmup": warmup,
         "p50_ms": percentile(total, 50), "p95_ms": percentile(total, 95),
         "stage_p50_ms": {s: percentile([1000 * r[s] for r in records], 50) for s in StageClock.STAGES},
         "peak_mem_mb": peak.mb, "mem_kind": peak.kind,
     }
+
+
+def _spent(records: list[dict]) -> float:
+    return sum(r[s] for r in records for s in StageClock.STAGES)
 
 
 def speedups(row: dict, reference: dict) -> dict:

@@ -341,8 +341,8 @@ def protocol_items(report: dict) -> list[tuple[str, str]]:
                        "DDIM, trailing timesteps")),
         ("device", f"{p['device']} ({p['device_name']}), {p['dtype']}, {p.get('threads', '?')} threads, batch "
                    f"{p['batch_size']}, torch.compile {'on' if p.get('compile') else 'off'}"),
-        ("latency", f"batch 1, {p['latency']['runs']} timed runs after {p['latency']['warmup']} warm-up; "
-                    "p50/p95 nearest rank; CUDA synchronised between stages"),
+        ("latency", f"batch 1, {p['latency']['runs']} timed runs{_cap(p['latency'])} after "
+                    f"{p['latency']['warmup']} warm-up; p50/p95 nearest rank; CUDA synchronised between stages"),
         ("cost", p["cost_note"]),
         ("versions", ", ".join(f"{k} {v[:12] if 'sha' in k else v}" for k, v in p["versions"].items())),
     ]
@@ -386,3 +386,8 @@ def bar_lines(report: dict) -> list[str]:
 def timings_line(report: dict) -> str:
     """Where the eval's own time went, in seconds."""
     return ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())
+
+
+def _cap(latency: dict) -> str:
+    cap = latency.get("seconds_cap")
+    return f" or {cap:g} s of them (at least 5, whichever ends first)" if cap else ""

@@ -71,3 +71,9 @@ def test_speedups_and_the_nfe_bar():
 def test_cost_per_million_images():
     assert speed.cost_per_million(1.0, 3.6) == pytest.approx(1000.0)  # 1e6 s = 277.8 h at 3.6 USD
     assert speed.cost_per_million(100.0, 2.0) == pytest.approx(1e6 / 100 / 3600 * 2)
+
+
+def test_a_latency_time_cap_stops_after_the_minimum_runs_and_says_how_many_ran(teacher):
+    capped = speed.latency(teacher, 2, "red heart", runs=20, warmup=0, budget_s=1e-9)
+    assert capped["runs"] == speed.MIN_TIMED_RUNS  # every run takes longer than the cap: the minimum, then stop
+    assert speed.latency(teacher, 1, "red heart", runs=7, warmup=0, budget_s=1e9)["runs"] == 7
