@@ -249,7 +249,8 @@ def _name_list(value: str) -> list[str]:
 @_setting("--prompts", type=click.Path(dir_okay=False), help="Prompt file (default: N dataset captions).")
 @_setting("--reference", help="Real images: a dataset source, or 'none'.")
 @_setting("--device", help="cpu or cuda.")
-@_setting("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]))
+@_setting("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+          help="Weights and activations while sampling; auto: bf16 where the device has it natively, else fp32.")
 @_setting("--batch-size", help="Batch of the quality run (throughput B).")
 @_setting("--guidance-scale", type=float, help="Teacher CFG (default: from the students' metadata).")
 @_setting("--baseline-guidance", type=float, help="CFG of the few-step teacher (default: --guidance-scale).")

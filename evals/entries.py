@@ -123,7 +123,7 @@ def protocol(settings: EvalSettings, device: str, prompt_source: str, real: Real
                       "metric": "mean pairwise feature distance among one prompt's samples, averaged over prompts"},
         "alignment": measure.describe(),
         "teacher": settings.teacher, "teacher_steps": settings.teacher_steps, "steps": list(settings.steps),
-        "device": device, "device_name": name, "dtype": settings.dtype,
+        "device": device, "device_name": name, "dtype": _dtype_name(settings.dtype, device), "dtype_requested": settings.dtype,
         "threads": torch.get_num_threads(), "batch_size": settings.batch_size, "compile": settings.compile,
         "latency": {"runs": settings.latency_runs, "warmup": settings.latency_warmup, "batch_size": 1,
                     "seconds_cap": settings.latency_seconds},
@@ -141,3 +141,10 @@ def _reference_entry(real: RealSet | None, n: int, seed: int) -> dict | None:
     return {"source": real.source, "n": len(real.images), "resolution": list(real.images.shape[-2:]),
             "floor_n": None if real.floor_images is None else len(real.floor_images),
             "rows": f"evals.calibrate.split_halves(total, {n}, seed={seed}): reference = first half, floor = second"}
+
+
+def _dtype_name(name: str, device: str) -> str:
+    """What ran: --dtype, with auto resolved for this device."""
+    from evals.models import auto_dtype
+
+    return auto_dtype(device) if name == "auto" else name

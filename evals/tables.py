@@ -339,7 +339,7 @@ def protocol_items(report: dict) -> list[tuple[str, str]]:
                     + ("the best training-free sampler × guidance of the sweep per step count"
                        if any(e["kind"] == "baseline" for e in report.get("sweep") or []) else
                        "DDIM, trailing timesteps")),
-        ("device", f"{p['device']} ({p['device_name']}), {p['dtype']}, {p.get('threads', '?')} threads, batch "
+        ("device", f"{p['device']} ({p['device_name']}), {p['dtype']}{' (auto)' if p.get('dtype_requested') == 'auto' else ''}, {p.get('threads', '?')} threads, batch "
                    f"{p['batch_size']}, torch.compile {'on' if p.get('compile') else 'off'}"),
         ("latency", f"batch 1, {p['latency']['runs']} timed runs{_cap(p['latency'])} after "
                     f"{p['latency']['warmup']} warm-up; p50/p95 nearest rank; CUDA synchronised between stages"),

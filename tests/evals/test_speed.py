@@ -77,3 +77,11 @@ def test_a_latency_time_cap_stops_after_the_minimum_runs_and_says_how_many_ran(t
     capped = speed.latency(teacher, 2, "red heart", runs=20, warmup=0, budget_s=1e-9)
     assert capped["runs"] == speed.MIN_TIMED_RUNS  # every run takes longer than the cap: the minimum, then stop
     assert speed.latency(teacher, 1, "red heart", runs=7, warmup=0, budget_s=1e9)["runs"] == 7
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_it_natively(monkeypatch):
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.parse_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert models.parse_dtype("auto", "cpu") == torch.float32 and models.auto_dtype("mps") == "fp32"
+    assert models.parse_dtype("fp32", "cpu") == torch.float32  # what the user names wins
