@@ -274,15 +274,37 @@ def _run_training(path: Path) -> dict | None:
         report = folder / "report.json"
         if report.is_file() and (folder / "config.yaml").is_file():
             data = json.loads(report.read_text())
-            return {k: data[k] for k in ("steps", "minutes", "device", "device_hours", "samples_seen", "processes")
+            cost = {k: data[k] for k in ("steps", "minutes", "device", "device_hours", "samples_seen", "processes")
                     if k in data}
+            return _pro_rata(cost, _student_step(path))
     return None
+
+
+def _student_step(path: Path) -> int | None:
+    """The training step a student was saved at (student.json's "step": a run's best/ may be an early one)."""
+    import json
+
+    info = path / "student.json"
+    return json.loads(info.read_text()).get("step") if info.is_file() else None
+
+
+def _pro_rata(cost: dict, step: int | None) -> dict:
+    """A run's cost scaled to a student saved at an earlier step: it cost those steps' share of the run."""
+    steps = cost.get("steps")
+    if not step or not steps or step >= steps:
+        return cost
+    share = step / steps
+    out = {**cost, "steps": step, "pro_rata_of_steps": steps}
+    out.update({k: cost[k] * share for k in ("minutes", "device_hours") if k in cost})
+    if "samples_seen" in cost:
+        out["samples_seen"] = round(cost["samples_seen"] * share)
+    return out
 
 
 def _name(path: Path) -> str:
     """A run folder's or export's name; a run's student/ or checkpoint folder is named after its run."""
     parts = [p for p in path.resolve().parts if p]
-    if parts[-1] == "student" or (len(parts) > 1 and parts[-2] == "checkpoints"):
+    if parts[-1] in ("student", "best") or (len(parts) > 1 and parts[-2] == "checkpoints"):
         return "/".join(parts[-3:] if parts[-2] == "checkpoints" else parts[-2:])
     return parts[-1]
 

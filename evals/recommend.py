@@ -184,6 +184,7 @@ def _training_lines(report: dict) -> list[dict]:
         t, be = r.get("training") or {}, r.get("break_even_images") or {}
         how = f"{t['device_hours']:.2f} device-hours on {t.get('device', '?')} at {price:g} USD/h"
         how += f", {t['steps']} steps" if t.get("steps") else ""
+        how += f" (its share of a {t['pro_rata_of_steps']}-step run)" if t.get("pro_rata_of_steps") else ""
         against = [(teacher["label"], be.get("vs_teacher"))]
         if r.get("vs_baseline"):
             against.append((r["vs_baseline"]["label"], be.get("vs_baseline")))

@@ -67,3 +67,22 @@ def test_decide_judges_students_against_the_best_baseline_at_their_steps_and_wit
     decide([teacher, b4, other], [], price_per_hour=2.0, judge="effnet-lite0")
     assert other["independent_judge"] is True
     assert "vs_baseline" not in b2 and best_within_nfe(rows, 3) is None
+
+
+def test_a_runs_early_best_student_costs_its_share_of_the_run_and_is_named_after_it(tmp_path):
+    import json
+
+    from evals.models import _name, _run_training
+
+    run = tmp_path / "004-lora"
+    (run / "best").mkdir(parents=True)
+    (run / "student").mkdir()
+    (run / "config.yaml").write_text("recipe: lcm\n")
+    (run / "report.json").write_text(json.dumps({"steps": 1520, "minutes": 68.0, "device_hours": 1.2,
+                                                 "samples_seen": 48640, "device": "cpu"}))
+    (run / "best" / "student.json").write_text(json.dumps({"kind": "lora", "step": 760}))
+    (run / "student" / "student.json").write_text(json.dumps({"kind": "lora", "step": 1520}))
+    best, final = _run_training(run / "best"), _run_training(run / "student")
+    assert best["steps"] == 760 and best["device_hours"] == 0.6 and best["samples_seen"] == 24320
+    assert best["pro_rata_of_steps"] == 1520 and final["device_hours"] == 1.2 and "pro_rata_of_steps" not in final
+    assert _name(run / "best") == "004-lora/best" and _name(run / "student") == "004-lora/student"
