@@ -194,7 +194,7 @@ def test_distill_eval_with_a_second_judge_end_to_end(tiny_sd_v_path, tmp_path):
         "--alignment", "none", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
-    assert validate(report) == [] and report["schema_version"] == "1.3.0"
+    assert validate(report) == [] and tuple(map(int, report["schema_version"].split("."))) >= (1, 3, 0)  # judges: 1.3
     assert [j["name"] for j in report["protocol"]["judges"]] == ["effnet-lite1"]
     assert report["protocol"]["judges"][0]["fd_name"] == "FD-EffNet-L1"
     rows = {r["label"]: r for r in report["rows"]}
