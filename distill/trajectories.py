@@ -73,7 +73,8 @@ def solve_trajectories(teacher, cond: Cond, noise: Tensor, guidance: Tensor, rec
         raise ValueError(f"Timesteps {record[~on_grid].tolist()} are not on the {solve_steps}-step solver grid.")
     record = record.to(grid.dtype).sort(descending=True).values
     zs, x0s = [], []
-    ticker = Ticker(f"solving teacher ODE trajectories once ({solve_steps} guided DDIM steps, Euler on a flow teacher)", len(noise),
+    what = f"{solve_steps} guided DDIM steps, Euler on a flow teacher"
+    ticker = Ticker(f"solving teacher ODE trajectories once ({what})", len(noise),
                     every_seconds=30, enabled=show)
     for start in range(0, len(noise), batch_size):
         rows = slice(start, start + batch_size)

@@ -339,7 +339,7 @@ def protocol_items(report: dict) -> list[tuple[str, str]]:
                     + ("the best training-free sampler × guidance of the sweep per step count"
                        if any(e["kind"] == "baseline" for e in report.get("sweep") or []) else
                        "DDIM, trailing timesteps")),
-        ("device", f"{p['device']} ({p['device_name']}), {p['dtype']}{' (auto)' if p.get('dtype_requested') == 'auto' else ''}, {p.get('threads', '?')} threads, batch "
+        ("device", f"{p['device']} ({p['device_name']}), {p['dtype']}{_auto(p)}, {p.get('threads', '?')} threads, batch "
                    f"{p['batch_size']}, torch.compile {'on' if p.get('compile') else 'off'}"),
         ("latency", f"batch 1, {p['latency']['runs']} timed runs{_cap(p['latency'])} after "
                     f"{p['latency']['warmup']} warm-up; p50/p95 nearest rank; CUDA synchronised between stages"),
@@ -391,3 +391,7 @@ def timings_line(report: dict) -> str:
 def _cap(latency: dict) -> str:
     cap = latency.get("seconds_cap")
     return f" or {cap:g} s of them (at least 5, whichever ends first)" if cap else ""
+
+
+def _auto(protocol: dict) -> str:
+    return " (auto)" if protocol.get("dtype_requested") == "auto" else ""
