@@ -93,6 +93,8 @@ class EvalSettings:
             sampler = parse_sampler(spec)
             sampler.check_steps(self.steps, f"--baseline {spec}")
             grid = sampler.config.get("grid")
+            if "grid" in sampler.config and (not isinstance(grid, int) or grid < 1):
+                raise ConfigError(f"--baseline {spec}: grid=N takes a whole number of sigmas, e.g. grid=50.")
             if isinstance(grid, int) and max(self.steps) > grid:
                 raise ConfigError(f"--baseline {spec} pins a grid of N = {grid} sigmas and cannot take "
                                   f"{max(self.steps)} steps; ask for at most {grid} steps or raise grid.")

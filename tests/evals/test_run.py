@@ -329,3 +329,5 @@ def test_a_grid_baseline_refuses_more_steps_than_its_grid_before_any_work():
     EvalSettings(teacher="t", out="o", steps=[1, 2, 4], baselines=["FlowMatchLCMScheduler:grid=4@1"]).check()
     with pytest.raises(ConfigError, match="grid of N = 4 sigmas and cannot take 8 steps"):
         EvalSettings(teacher="t", out="o", steps=[1, 8], baselines=["FlowMatchLCMScheduler:grid=4@1"]).check()
+    with pytest.raises(ConfigError, match="grid=N takes a whole number"):
+        EvalSettings(teacher="t", out="o", steps=[1], baselines=["FlowMatchLCMScheduler:grid=fifty@1"]).check()
