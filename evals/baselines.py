@@ -18,6 +18,8 @@ and guidance, so what training bought is not confused with what a sampler or dro
 
 from __future__ import annotations
 
+import json
+
 from distill.consistency import pinned_sigmas
 from distill.errors import ConfigError
 from evals import models
@@ -92,6 +94,20 @@ def control_candidate(model, source: str, student: models.Candidate) -> models.C
                             f"control: the untrained teacher sampled as {student.name} is", {"control_of": student.name},
                             sigmas=student.sigmas, timesteps=student.timesteps)
     return cand
+
+
+def sampling_key(cand: models.Candidate, steps: int) -> tuple:
+    """What decides a candidate's samples at `steps`: its model, its scheduler with the timesteps (or sigmas) it
+    visits, and its guidance. Two candidates with equal keys draw the same images from the same seeds (a student's
+    control is often a sweep row: LCMScheduler without CFG; its `original_inference_steps` only moves timesteps)."""
+    scheduler = cand.scheduler()
+    scheduler.set_timesteps(**(cand.pinned(steps) or {"num_inference_steps": steps}))
+    config = {k: v for k, v in scheduler.config.items() if k != "original_inference_steps" and not k.startswith("_")}
+    sigmas = getattr(scheduler, "sigmas", None)
+    return (id(cand.model), type(scheduler).__name__, json.dumps(config, sort_keys=True, default=str),
+            tuple(round(float(t), 4) for t in scheduler.timesteps),
+            None if sigmas is None else tuple(round(float(s), 6) for s in sigmas),
+            cand.cfg, cand.guidance_scale if cand.cfg or cand.guidance_input else None)
 
 
 def best_per_steps(entries: list[dict], key: str = "fd") -> dict[int, dict]:

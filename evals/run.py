@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from evals import gap, models, speed
-from evals.baselines import best_per_steps, control_candidate, defaults_for, sweep_candidates
+from evals.baselines import best_per_steps, control_candidate, defaults_for, sampling_key, sweep_candidates
 from evals.cascade_rows import cascade_for
 from evals.entries import add_models, assemble, row_entry
 from evals.generate import GRID_PROMPTS, Generated, encode_all, generate
@@ -142,6 +142,8 @@ def _sweep(usual, settings, prompts, measure, state, sweep, timings) -> list[tup
     n = screen_n(settings, len(prompts))
     log(f"training-free sweep: {len(cands)} samplers x {len(settings.steps)} step counts at N = {n}")
     entries = screen(cands, settings.steps, prompts[:n], settings, measure, state["ref"], "baseline")
+    keys = [sampling_key(c, k) for c in cands for k in settings.steps]  # screen's order: candidates x steps
+    state["screened"] = dict(zip(keys, entries))
     best = best_per_steps(entries)
     for entry in best.values():
         entry["best"] = True
@@ -168,7 +170,8 @@ def _student_stage(source, teacher, settings, device, dtype, prompts, measure, s
         t1 = time.perf_counter()
         control = control_candidate(teacher.model, teacher.source, student)
         n = screen_n(settings, len(prompts))
-        sweep.extend(screen([control], steps, prompts[:n], settings, measure, state["ref"], "control"))
+        reused, todo = _reuse_screened(control, steps, state)
+        sweep.extend(reused + screen([control], todo, prompts[:n], settings, measure, state["ref"], "control"))
         _add(timings, "control_s", time.perf_counter() - t1)
     if state["gap"] is not None:
         t1 = time.perf_counter()
@@ -180,6 +183,22 @@ def _student_stage(source, teacher, settings, device, dtype, prompts, measure, s
             add_models(model_info, [cascade])
             evaluate_candidate([(cascade, cascade.spec.k)], prompts, settings, measure, state, rows, grids, timings)
     models.free(student)
+
+
+def _reuse_screened(control: models.Candidate, steps: list[int], state: dict) -> tuple[list[dict], list[int]]:
+    """Control entries the sweep already screened (the same sampling of the same model: the same images), copied
+    under the control's name; and the step counts still to screen."""
+    reused, todo = [], []
+    for k in steps:
+        found = state.get("screened", {}).get(sampling_key(control, k))
+        if found is None:
+            todo.append(k)
+            continue
+        log(f"{control.label(k)}: samples as {found['label']} of the sweep does; its screening scores are reused")
+        reused.append(found | {"label": control.label(k), "model": control.name, "kind": "control",
+                               "control_of": control.metadata["control_of"], "best": False, "seconds": 0.0,
+                               "same_as": found["label"]})
+    return reused, todo
 
 
 def _load_teacher(settings, device, dtype, guidance, state) -> tuple[models.Candidate, models.Candidate]:

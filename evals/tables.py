@@ -220,7 +220,8 @@ def _sweep_what(entry: dict) -> str:
     if entry["kind"] == "baseline":
         return "★ best training-free" if entry["best"] else "training-free"
     if entry["kind"] == "control":
-        return f"control of {entry.get('control_of') or '?'}: untrained teacher, its sampler"
+        same = f" (the same sampling as {entry['same_as']}: its scores)" if entry.get("same_as") else ""
+        return f"control of {entry.get('control_of') or '?'}: untrained teacher, its sampler{same}"
     return f"{entry['kind']} (its first N images)"
 
 

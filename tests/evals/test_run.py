@@ -188,6 +188,9 @@ def test_the_sweep_picks_the_best_sampler_per_step_count_and_students_are_judged
         assert student["vs_baseline"]["fd_ratio"] == pytest.approx(student["quality"]["fd"] / row["quality"]["fd"])
         control = [e for e in report["sweep"] if e["kind"] == "control" and e["steps"] == k]
         assert len(control) == 1 and student["vs_control"]["label"] == control[0]["label"]
+        # the control (the teacher, LCMScheduler, no CFG) is the sweep's LCM row: screened once, its scores reused
+        lcm = next(e for e in sweep if e["label"] == f"teacher[LCM,no-cfg]@{k}")
+        assert control[0]["same_as"] == lcm["label"] and control[0]["fd"] == lcm["fd"]
     cascade = next(r for r in report["rows"] if r["role"] == "cascade")
     assert cascade["nfe"] == 1 + 2  # the student's step, then one teacher step with CFG
 
@@ -331,3 +334,20 @@ def test_a_grid_baseline_refuses_more_steps_than_its_grid_before_any_work():
         EvalSettings(teacher="t", out="o", steps=[1, 8], baselines=["FlowMatchLCMScheduler:grid=4@1"]).check()
     with pytest.raises(ConfigError, match="grid=N takes a whole number"):
         EvalSettings(teacher="t", out="o", steps=[1], baselines=["FlowMatchLCMScheduler:grid=fifty@1"]).check()
+
+
+def test_two_ways_of_sampling_share_a_key_only_when_they_draw_the_same_images(tiny_sd_v_path):
+    from evals.baselines import control_candidate, sampling_key, sweep_candidates
+
+    usual, _ = models.load_teacher(str(tiny_sd_v_path), "cpu", torch.float32, 3.0, None)
+    lcm, lcm_cfg, ddim = sweep_candidates(usual.model, usual.source, ["LCMScheduler@1,2",
+                                                                      "DDIMScheduler:timestep_spacing=trailing@1"])
+    grid10 = models.teacher_candidate(usual.model, usual.source, "LCMScheduler", {"original_inference_steps": 10},
+                                      1.0, "student", "an LCM student's sampler: a 10-point grid")
+    control = control_candidate(usual.model, usual.source, grid10)
+    assert sampling_key(control, 2) == sampling_key(lcm, 2)  # 999, 499 on both grids
+    assert sampling_key(control, 4) != sampling_key(lcm, 4)  # 999, 799, 499, 299 against 999, 759, 499, 259
+    assert sampling_key(lcm, 2) != sampling_key(lcm_cfg, 2) != sampling_key(ddim, 2)  # guidance, scheduler
+    samples = [(models.decode(c, models.denoise(c, 2, models.encode(c, PROMPTS), models.initial_noise(c, g), g)))
+               for c in (control, lcm) for g in [models.sample_generators(0, range(len(PROMPTS)))]]
+    torch.testing.assert_close(samples[0], samples[1], atol=0, rtol=0)
