@@ -12,7 +12,7 @@ import torch
 
 from distill.device import device_name
 
-from evals import models, speed
+from evals import cores, models, speed
 from evals.decision import decide
 from evals.generate import Generated
 from evals.measure import Measure
@@ -125,7 +125,8 @@ def protocol(settings: EvalSettings, device: str, prompt_source: str, real: Real
         "teacher": settings.teacher, "teacher_steps": settings.teacher_steps, "steps": list(settings.steps),
         "device": device, "device_name": name,
         "dtype": _dtype_name(settings.dtype, device), "dtype_requested": settings.dtype,
-        "threads": torch.get_num_threads(), "batch_size": settings.batch_size, "compile": settings.compile,
+        "threads": torch.get_num_threads(), "batch_split": cores.describe(device), "batch_size": settings.batch_size,
+        "compile": settings.compile,
         "latency": {"runs": settings.latency_runs, "warmup": settings.latency_warmup, "batch_size": 1,
                     "seconds_cap": settings.latency_seconds},
         "price_per_gpu_hour": settings.price_per_gpu_hour,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from distill.memory import PeakMemory
-from evals import models, speed
+from evals import cores, models, speed
 from evals.measure import Measure
 from evals.progress import Ticker
 from evals.settings import EvalSettings
@@ -51,19 +51,21 @@ def encode_all(cand: models.Candidate, prompts: list[str], batch: int) -> tuple[
 def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list, settings: EvalSettings,
              measure: Measure, label: str) -> Generated:
     """N images in batches (same per-sample seeds for every model) -> features (of every judge) and alignment
-    embeddings."""
+    embeddings. On a CPU with several threads, `evals.cores` runs consecutive batches side by side."""
     n, batch, device = len(prompts), settings.batch_size, cand.model.device
+    shares = cores.workers(cand, batch)
     clock, feats, embs, grid = speed.StageClock(device), [], [], None
     judged: dict[str, list] = {}
     progress = Ticker(label, n)
     peak = {"mb": 0.0, "kind": ""}
-    for b, start in enumerate(range(0, n, batch)):
-        idx = range(start, min(n, start + batch))
+    for b, start in enumerate(range(0, n, batch * shares)):
+        idx = range(start, min(n, start + batch * shares))
         gens = models.sample_generators(settings.seed, idx)
         noise = models.initial_noise(cand, gens)
         clock.start_batch(len(idx))
         with PeakMemory(device) as memory:  # the model's own memory: the feature net runs outside
-            z = clock.time("loop", models.denoise, cand, steps, conds[b], noise, gens)
+            cond = joined(conds[b * shares:(b + 1) * shares])
+            z = clock.time("loop", cores.denoise, cand, steps, cond, noise, gens, shares)
             images = clock.time("decode", models.decode, cand, z).cpu()
         peak = {"mb": max(peak["mb"], memory.mb), "kind": memory.kind}
         f = measure.features(images)
@@ -76,6 +78,14 @@ def generate(cand: models.Candidate, steps: int, prompts: list[str], conds: list
     div, collapse, spreads = diversity(cand, steps, prompts, settings, measure)
     return Generated(torch.cat(feats), None if embs[0] is None else torch.cat(embs), torch.from_numpy(grid),
                      clock.summary(), peak, div, collapse, {k: torch.cat(v) for k, v in judged.items()}, spreads)
+
+
+def joined(conds: list):
+    """One conditioning for consecutive batches (a cascade's pair of conditionings runs one batch at a time)."""
+    out = conds[0]
+    for more in conds[1:]:
+        out = out.cat(more)
+    return out
 
 
 def _keep_for_grid(grid: np.ndarray | None, images: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distill.errors import DataError
 
-SCHEMA_VERSION = "1.4.0"
+SCHEMA_VERSION = "1.5.0"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
 _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from evals import models
-from evals.generate import encode_all
+from evals import cores, models
+from evals.generate import encode_all, joined
 from evals.measure import Measure, quality
 from evals.progress import log
 from evals.settings import EvalSettings
@@ -54,10 +54,13 @@ def screen(cands: list[models.Candidate], steps: list[int], prompts: list[str], 
 
 def _features(cand, k, prompts, conds, settings, measure):
     feats, embs = [], []
-    for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
-        idx = range(start, min(len(prompts), start + settings.batch_size))
+    batch = settings.batch_size
+    shares = cores.workers(cand, batch)
+    for b, start in enumerate(range(0, len(prompts), batch * shares)):
+        idx = range(start, min(len(prompts), start + batch * shares))
         gens = models.sample_generators(settings.seed, idx)
-        z = models.denoise(cand, k, conds[b], models.initial_noise(cand, gens), gens)
+        cond = joined(conds[b * shares:(b + 1) * shares])
+        z = cores.denoise(cand, k, cond, models.initial_noise(cand, gens), gens, shares)
         images = models.decode(cand, z).cpu()
         f = measure.features(images)
         feats.append(f)
