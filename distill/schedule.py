@@ -196,8 +196,13 @@ def _dynamic_mu(config, image_seq_len: int) -> float:
     return base + (top - base) / (max_len - base_len) * (image_seq_len - base_len)
 
 
+def is_flow(scheduler_name: str) -> bool:
+    """Whether a diffusers scheduler class (by name) samples a flow-matching teacher."""
+    return "FlowMatch" in scheduler_name
+
+
 def schedule_for(scheduler, source: str = "the teacher", image_seq_len: int | None = None):
     """The schedule object of a diffusers scheduler: flow matching or discrete VP."""
-    if "FlowMatch" in type(scheduler).__name__:
+    if is_flow(type(scheduler).__name__):
         return FlowSchedule.from_scheduler(scheduler, source, image_seq_len)
     return VPSchedule.from_scheduler(scheduler, source)

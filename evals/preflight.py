@@ -26,11 +26,24 @@ def check_eval(settings: EvalSettings) -> None:
     from distill.teacher import check_pipeline
 
     check_out(settings.out, settings.overwrite)
-    check_pipeline(settings.teacher)
+    index, _ = check_pipeline(settings.teacher)
+    check_baselines(settings, index)
     for source in settings.students:
         check_student(source, settings)
     if settings.prompts:
         load_prompts(settings.prompts)
+
+
+def check_baselines(settings: EvalSettings, index: dict) -> None:
+    """A `grid=N` baseline pins flow sigmas: refused, before the teacher's long generation, for a VP teacher."""
+    from distill.schedule import is_flow
+    from evals.specs import parse_baseline
+
+    scheduler = (index.get("scheduler") or [None, None])[1] or "?"
+    for spec in settings.baselines:
+        if "grid" in parse_baseline(spec).config and not is_flow(scheduler):
+            raise ConfigError(f"--baseline {spec}: grid=N pins the sigmas of a flow-matching teacher, and "
+                              f"{settings.teacher} samples with {scheduler}; drop grid= for this teacher.")
 
 
 def check_out(out: str, overwrite: bool) -> None:

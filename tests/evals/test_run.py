@@ -153,6 +153,7 @@ def test_prompt_file_without_real_images_compares_with_the_teacher(tiny_sd_path,
     (["--dtype", "fp16"], ["fp16", "CUDA"]),
     (["--steps", "0,2"], ["--steps", "1,2,4,8"]),
     (["-n", "5000"], ["5000", "reference"]),
+    (["--baseline", "LCMScheduler:grid=50@1", "--steps", "1"], ["grid=", "flow-matching", "drop grid="]),  # a VP teacher
 ])
 def test_mistakes_end_in_one_sentence(tiny_sd_path, tmp_path, args, words):
     result = _eval("--teacher", tiny_sd_path, "--out", tmp_path / "r", *args)
