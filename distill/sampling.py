@@ -38,11 +38,12 @@ def lcm_sample(
 
     A student with a guidance input (full LCM) gets omega = guidance_scale - 1 as that input; one without (a LoRA)
     gets classifier-free guidance when guidance_scale != 1, as a pipeline does. times: {steps: the schedule times
-    to visit} for a student trained on its own grid (ADD); default the schedule's consistency sampler's.
+    to visit} for a student trained on its own grid (ADD) or a pinned schedule (step counts it does not name: the
+    schedule's consistency sampler's).
     """
     device, batch = teacher.device, len(cond)
     z = torch.randn((batch, *teacher.latent_shape(resolution)), generator=generator).to(device)
-    timesteps = times[steps] if times else teacher.schedule.consistency_times(steps, original_steps)
+    timesteps = times[steps] if times and steps in times else teacher.schedule.consistency_times(steps, original_steps)
     for i, t in enumerate(timesteps.tolist()):
         t_batch = torch.full((batch,), t, device=device, dtype=timesteps.dtype)
         if student.guidance_dim:  # a full student may be held in another dtype than the teacher

@@ -49,7 +49,7 @@ import torch
 from distill import engine, optim
 from distill.backbones import check_backbone
 from distill.config import DataConfig, OptimConfig, ProbeConfig, SampleConfig, TrainConfig
-from distill.consistency import DDIMSolver, consistency_output, lcm_sampler
+from distill.consistency import DDIMSolver, check_pinned_timesteps, consistency_output, lcm_sampler
 from distill.ema import AdapterEMA, ema_update_
 from distill.device import process_state
 from distill.errors import ConfigError
@@ -96,13 +96,19 @@ class LcdConfig:
 
 
 @dataclass
+class LcmSampleConfig(SampleConfig):
+    timesteps: dict[int, list[int]] | None = None  # {steps: timesteps} the shipped LCMScheduler visits at that step
+    #   count (points of the N grid; probe, grids and exports use them); null / unnamed counts: LCMScheduler's own
+
+
+@dataclass
 class LcmConfig(TrainConfig):
     num_threads: int | None = None  # torch CPU threads; null leaves torch's default
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     lcd: LcdConfig = field(default_factory=LcdConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    sample: LcmSampleConfig = field(default_factory=LcmSampleConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
@@ -154,6 +160,21 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
     if any(not 1 <= s <= n for s in [*cfg.sample.steps, *([cfg.probe.steps] if cfg.probe.every_steps else [])]):
         raise ConfigError(f"sample.steps {cfg.sample.steps} and probe.steps {cfg.probe.steps} must each be in "
                           f"[1, lcd.num_ddim_timesteps={n}].")
+    pinned_times(cfg, teacher)
+
+
+def pinned_times(cfg: LcmConfig, teacher: Teacher) -> dict[int, list[int]]:
+    """sample.timesteps, checked against the student's grid (an LCMScheduler's pin: VP teachers only)."""
+    if not cfg.sample.timesteps:
+        return {}
+    if teacher.schedule.lcm_scheduler != "LCMScheduler":
+        raise ConfigError(f"sample.timesteps pins LCMScheduler's timesteps; the {teacher.kind} teacher samples with "
+                          f"{teacher.schedule.lcm_scheduler} on pinned sigmas already: set sample.timesteps=null.")
+    grid = DDIMSolver(teacher.schedule, cfg.lcd.num_ddim_timesteps).timesteps.tolist()
+    try:
+        return check_pinned_timesteps(cfg.sample.timesteps, [int(t) for t in grid], "sample.timesteps")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -345,7 +366,7 @@ class LatentConsistencyDistillation(Method):
             for chunk in rows.split(64):
                 images.append(lcm_sample(student, self.teacher, cond.select(chunk), cfg.probe.steps, generator,
                                          guidance_scale=self.student_info(0).guidance_scale,
-                                         original_steps=cfg.lcd.num_ddim_timesteps,
+                                         original_steps=cfg.lcd.num_ddim_timesteps, times=self._times(),
                                          timestep_scaling=cfg.lcd.timestep_scaling, resolution=cfg.data.resolution))
             student.train(was_training)
         return torch.cat(images).clamp(-1, 1)
@@ -367,12 +388,25 @@ class LatentConsistencyDistillation(Method):
             kind=cfg.student.kind, teacher=str(local.resolve()) if local.exists() else cfg.teacher,
             teacher_kind=teacher.kind, pipeline_class=type(teacher.pipe).__name__,
             prediction_type=teacher.prediction_type, teacher_guidance_scale=1 + omega, method="lcm", step=step,
-            sampler=lcm_sampler(cfg.lcd.num_ddim_timesteps, cfg.lcd.timestep_scaling, teacher.prediction_type,
-                                guidance, schedule=teacher.schedule), network=teacher.family.network_attr,
+            sampler=self._sampler(guidance), network=teacher.family.network_attr,
             pipeline_kwargs=teacher.family.call_kwargs(),
             details=dict(num_ddim_timesteps=cfg.lcd.num_ddim_timesteps, timestep_scaling=cfg.lcd.timestep_scaling,
                          w_min=cfg.lcd.w_min, w_max=cfg.lcd.w_max),
         )
+
+    def _sampler(self, guidance: float):
+        """The sampler that ships: the consistency sampler of the N grid, pinned to sample.timesteps where given."""
+        cfg, teacher = self.cfg, self.teacher
+        spec = lcm_sampler(cfg.lcd.num_ddim_timesteps, cfg.lcd.timestep_scaling, teacher.prediction_type, guidance,
+                           schedule=teacher.schedule)
+        pinned = pinned_times(cfg, teacher)
+        if pinned:
+            spec.timesteps = {str(k): v for k, v in pinned.items() if k in spec.steps}
+        return spec
+
+    def _times(self) -> dict:
+        """{steps: timesteps tensor} of sample.timesteps, for the toolkit's own sampler (probe, grids)."""
+        return {k: torch.tensor(v) for k, v in pinned_times(self.cfg, self.teacher).items()}
 
     def save_student(self, folder: Path, step: int) -> None:
         """What ships: the EMA target UNet (full), or the adapters (their EMA when there is one), + student.json."""
@@ -388,7 +422,7 @@ class LatentConsistencyDistillation(Method):
             student.eval()  # LoRA dropout off
             rows = student_rows(student, self.teacher, cfg.sample.prompts, cfg.sample.steps, cfg.seed,
                                 guidance_scale=self.student_info(0).guidance_scale,
-                                original_steps=cfg.lcd.num_ddim_timesteps,
+                                original_steps=cfg.lcd.num_ddim_timesteps, times=self._times(),
                                 timestep_scaling=cfg.lcd.timestep_scaling, resolution=cfg.data.resolution)
             student.train(was_training)
         save_grid(rows, path)

@@ -232,3 +232,22 @@ def test_recipe_refuses_configs_it_cannot_run(tiny_sd_path, tiny_unet2d_path, tm
     with pytest.raises(ConfigError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
         lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=1.0)), teacher)
     lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", student=dict(ema_decay=None)), teacher)  # LCM-LoRA's own target
+
+
+def test_a_pinned_sampler_schedule_ships_in_student_json_and_bad_pins_are_refused(tiny_sd_path, tmp_path):
+    from distill.consistency import DDIMSolver
+    from distill.info import StudentInfo
+
+    teacher = Teacher.from_pretrained(tiny_sd_path)
+    grid = [int(t) for t in DDIMSolver(teacher.schedule, 10).timesteps.tolist()]  # t_{n+k}: 99 ... 999 on T = 1000
+    for pin, words in [({2: [grid[-1]]}, "maps a step count"), ({2: [grid[0], grid[-1]]}, "must descend"),
+                       ({2: [grid[-1], grid[4] + 1]}, "points of the student's grid")]:
+        with pytest.raises(ConfigError, match=words):
+            lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", lcd=dict(num_ddim_timesteps=10),
+                           sample=dict(timesteps=pin)), teacher)
+    pinned = [grid[-1], grid[1]]  # 999, 199: not LCMScheduler's own 2-step 999, 499
+    run = main(_cfg(tmp_path, tiny_sd_path, "lora", lcd=dict(num_ddim_timesteps=10),
+                    sample=dict(timesteps={2: pinned}, every_steps=0, teacher_steps=None)))
+    sampler = StudentInfo.load(run / "student").sampler
+    assert sampler.timesteps == {"2": pinned} and sampler.pinned(2) == {"timesteps": pinned}
+    assert sampler.pinned(1) == {}  # step counts it does not name keep the scheduler's own spacing

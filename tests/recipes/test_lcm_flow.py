@@ -95,6 +95,8 @@ def test_flow_student_settings_a_flow_teacher_cannot_take_are_refused(tiny_sd3_p
     with pytest.raises(ConfigError, match="anchor_solve_steps=50 does not put .* use e.g. 55"):
         lcm.check(_cfg(tmp_path, tiny_sd3_path, "lora", lcd=dict(w_min=2.0, w_max=2.0, num_ddim_timesteps=10,
                                                                   anchor_weight=1.0, anchor_solve_steps=50)), teacher)
+    with pytest.raises(ConfigError, match="sample.timesteps pins LCMScheduler's .* FlowMatchLCMScheduler"):
+        lcm.check(_cfg(tmp_path, tiny_sd3_path, "lora", sample=dict(timesteps={2: [999, 499]})), teacher)
 
 
 def test_ladd_on_a_flow_teacher_reads_its_token_maps_and_ships_its_own_sigmas(tiny_sd3_path, tmp_path):
