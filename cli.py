@@ -307,8 +307,8 @@ def report(folder):
 
 
 @main.command()
-@click.option("--steps", default=250, show_default=True,
-              help="Training steps of the LCM-LoRA (the budget; 250 fits the 15-minute bar on 2 CPU cores).")
+@click.option("--steps", default=200, show_default=True,
+              help="Training steps of the LCM-LoRA (the budget; 200 fits the 15-minute bar on 2 CPU cores).")
 @click.option("--minutes", default=None, type=float, help="Stop training early after this many minutes (a stop, not a budget).")
 @click.option("--num-samples", "-n", default=EVAL["num_samples"], show_default=True,
               help="Images per model and step count.")

@@ -26,7 +26,7 @@ DEMO_TEACHER = ROOT / "checkpoints" / "emoji-sd"
 # LCM scheduler without CFG). The cascade: the LoRA's 2-step draft refined by the teacher (2 DDIM steps, CFG 2).
 # The config's long-run settings cost minutes a short run does not need: the anchors (solved once, ~4 min) keep
 # runs of 760+ steps from drifting, and at 380 steps FD@4 was 237.4 with them, 239.0 without; the probe watches
-# long runs. The demo leaves both out, and trains 250 steps (the config's S is 380), to keep its quarter of an hour:
+# long runs. The demo leaves both out, and trains 200 steps (the config's S is 380), to keep its quarter of an hour:
 # without the anchor the probe's 4-step KID was the same at 190 and 380 steps (68.5, 69.2; evals/results/lcm-long).
 DEMO_SHORT_RUN = ("lcd.anchor_weight=0", "probe.every_steps=0")
 DEMO_GAP_POINTS = 32  # half the eval's default: the teacher's ODE solves from 4 t cost ~1 min on a loaded machine
