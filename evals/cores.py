@@ -1,4 +1,4 @@
-"""Sample-parallel denoising on a CPU: each core runs its share of a batch on one thread.
+"""Sample-parallel denoising on a CPU: consecutive batches side by side, one thread each.
 
 A batch of the embedded teacher's 8x8 latents is too small for torch's intra-op threads to keep two cores busy
 (the 50-step teacher's UNet: 1.7x on 2 threads over 1; two batches side by side, one thread each: 1.9x). Every
@@ -14,7 +14,7 @@ import torch
 
 from evals import models
 
-MIN_PER_CORE = 8  # below this a share is too small to be worth a thread
+MIN_PER_CORE = 8  # a batch smaller than this is not worth a thread of its own
 
 
 def workers(candidate: models.Candidate, batch: int) -> int:
