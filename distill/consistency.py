@@ -98,16 +98,18 @@ def pinned_sigmas(schedule, n: int, steps: list[int], times: dict | None = None)
     return {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()}
 
 
-def check_pinned_timesteps(pinned: dict, grid: list[int], key: str) -> dict[int, list[int]]:
+def check_pinned_timesteps(pinned: dict, grid: list[int] | None, key: str) -> dict[int, list[int]]:
     """{k: timesteps} an LCMScheduler is pinned to, checked: k timesteps per step count k, strictly descending, each a
-    point of the student's training grid (the t_{n+k} it learnt to map from). Raises ValueError naming `key`."""
+    point of the student's training grid (the t_{n+k} it learnt to map from; grid None: not checked yet, as before
+    the teacher loads). Raises ValueError naming `key`."""
     out = {}
     for k, ts in pinned.items():
         if not isinstance(k, int) or not isinstance(ts, list) or len(ts) != k:
             raise ValueError(f"{key} maps a step count to that many timesteps, e.g. {{4: [999, 499, 199, 99]}}; "
                              f"got {k!r}: {ts!r}.")
-        if any(t not in grid for t in ts) or ts != sorted(set(ts), reverse=True):
-            raise ValueError(f"{key}[{k}] = {ts} must descend through points of the student's grid {sorted(grid)}.")
+        if ts != sorted(set(ts), reverse=True) or (grid is not None and any(t not in grid for t in ts)):
+            where = f"points of the student's grid {sorted(grid)}" if grid is not None else "distinct timesteps"
+            raise ValueError(f"{key}[{k}] = {ts} must descend through {where}.")
         out[k] = [int(t) for t in ts]
     return out
 

@@ -100,6 +100,13 @@ class LcmSampleConfig(SampleConfig):
     timesteps: dict[int, list[int]] | None = None  # {steps: timesteps} the shipped LCMScheduler visits at that step
     #   count (points of the N grid; probe, grids and exports use them); null / unnamed counts: LCMScheduler's own
 
+    def __post_init__(self):  # the shape at load time; `check` puts the points on the grid once the teacher loads
+        if self.timesteps:
+            try:
+                check_pinned_timesteps(self.timesteps, None, "sample.timesteps")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
 
 @dataclass
 class LcmConfig(TrainConfig):

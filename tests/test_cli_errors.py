@@ -120,6 +120,7 @@ def read_only(tmp_path):
     ("sample.steps=[0,1]", ["'sample.steps' is [0, 1]", "at least 1"]),
     ("train_batch_sise=4", ["train_batch_sise", "train_batch_size"]),
     ("train_batch_size=abc", ["train_batch_size", "'abc'", "int"]),
+    ("sample.timesteps={4: [999, 799]}", ["sample.timesteps", "maps a step count to that many timesteps"]),
 ])
 def test_bad_config_values_are_refused_before_training(override, words, tiny_sd_bert_path, out, no_training):
     one_sentence(train("lcm/emoji_sd_lora", f"teacher={tiny_sd_bert_path}", out, override), *words)
@@ -307,6 +308,13 @@ def test_eval_steps_no_sampler_can_take(lora_run, tiny_sd_v_path, tmp_path, noth
     one_sentence(student, f"The student {lora_run} cannot take 60 steps", "N = 50")
     sweep = invoke("eval", "--teacher", tiny_sd_v_path, "--steps", "60", "--out", tmp_path / "r")
     one_sentence(sweep, "--baseline LCMScheduler@1 cannot take 60 steps")
+    assert nothing_generated == []
+
+
+def test_eval_grid_baseline_on_a_vp_teacher(tiny_sd_v_path, tmp_path, nothing_generated):
+    result = invoke("eval", "--teacher", tiny_sd_v_path, "--steps", "1", "--baseline", "LCMScheduler:grid=50@1",
+                    "--out", tmp_path / "r")
+    one_sentence(result, "--baseline LCMScheduler:grid=50@1", "flow-matching", "drop grid=")
     assert nothing_generated == []
 
 
