@@ -197,6 +197,7 @@ class LatentConsistencyDistillation(Method):
         self.teacher = Teacher.from_pretrained(cfg.teacher, torch_dtype=engine.weight_dtype(cfg.mixed_precision),
                                                device=device)
         check(cfg, self.teacher)
+        self.pinned = pinned_times(cfg, self.teacher)  # sample.timesteps, on the grid: what ships, probes and grids
         self.solver = DDIMSolver(self.teacher.schedule, cfg.lcd.num_ddim_timesteps)
         width = len(str(self.teacher.num_train_timesteps - 1))
         model_times = self.teacher.schedule.model_time(self.solver.timesteps).round().long().tolist()  # sigma: x1000
@@ -406,14 +407,14 @@ class LatentConsistencyDistillation(Method):
         cfg, teacher = self.cfg, self.teacher
         spec = lcm_sampler(cfg.lcd.num_ddim_timesteps, cfg.lcd.timestep_scaling, teacher.prediction_type, guidance,
                            schedule=teacher.schedule)
-        pinned = pinned_times(cfg, teacher)
-        if pinned:
-            spec.timesteps = {str(k): v for k, v in pinned.items() if k in spec.steps}
+        if self.pinned:  # a pinned step count is one the student is made for, also outside the default 1/2/4/8
+            spec.steps = sorted({*spec.steps, *self.pinned})
+            spec.timesteps = {str(k): v for k, v in self.pinned.items()}
         return spec
 
     def _times(self) -> dict:
         """{steps: timesteps tensor} of sample.timesteps, for the toolkit's own sampler (probe, grids)."""
-        return {k: torch.tensor(v) for k, v in pinned_times(self.cfg, self.teacher).items()}
+        return {k: torch.tensor(v) for k, v in self.pinned.items()}
 
     def save_student(self, folder: Path, step: int) -> None:
         """What ships: the EMA target UNet (full), or the adapters (their EMA when there is one), + student.json."""

@@ -246,8 +246,10 @@ def test_a_pinned_sampler_schedule_ships_in_student_json_and_bad_pins_are_refuse
             lcm.check(_cfg(tmp_path, tiny_sd_path, "lora", lcd=dict(num_ddim_timesteps=10),
                            sample=dict(timesteps=pin)), teacher)
     pinned = [grid[-1], grid[1]]  # 999, 199: not LCMScheduler's own 2-step 999, 499
+    three = [grid[-1], grid[4], grid[0]]  # a step count outside the default 1/2/4/8 still ships
     run = main(_cfg(tmp_path, tiny_sd_path, "lora", lcd=dict(num_ddim_timesteps=10),
-                    sample=dict(timesteps={2: pinned}, every_steps=0, teacher_steps=None)))
+                    sample=dict(timesteps={2: pinned, 3: three}, every_steps=0, teacher_steps=None)))
     sampler = StudentInfo.load(run / "student").sampler
-    assert sampler.timesteps == {"2": pinned} and sampler.pinned(2) == {"timesteps": pinned}
+    assert sampler.timesteps == {"2": pinned, "3": three} and sampler.pinned(2) == {"timesteps": pinned}
+    assert 3 in sampler.steps
     assert sampler.pinned(1) == {}  # step counts it does not name keep the scheduler's own spacing
