@@ -168,11 +168,12 @@ def sample(source, prompts, steps, seed, out, teacher_steps, guidance_scale):
 @click.option("--max-evals", default=24, show_default=True, help="Schedules scored per step count, at most.")
 @click.option("--seed", default=1, show_default=True, type=int, help="Prompt choice and noise (not the eval's 0).")
 def tune_sampler(source, steps, num_samples, reference, feature_net, max_evals, seed):
-    """Choose which grid timesteps a consistency student visits at each step count and pin them in its student.json:
+    """Choose which grid points a consistency student visits at each step count and pin them in its student.json:
     distill tune-sampler runs/002-lcm-emoji_sd_lora --steps 2,4
 
-    A coordinate search over the student's N-point grid, scored by KID on a network that is not the eval's judge;
-    `distill sample`, `distill eval` and exports then use the pinned timesteps. Measure the result with distill eval.
+    A coordinate search over the student's N-point grid (timesteps, or a flow student's sigmas), scored by KID on a
+    network that is not the eval's judge; `distill sample`, `distill eval` and exports then use the pinned schedule.
+    Measure the result with distill eval.
     """
     from distill.tune import tune_source
 

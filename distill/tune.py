@@ -64,36 +64,49 @@ def grid_and_start(scheduler, grid_size: int, steps: int) -> tuple[list[int], Sc
     return grid, tuple(grid.index(int(t)) for t in scheduler.timesteps)
 
 
-def pipeline_images(pipe, prompts: list[str], timesteps: list[int], guidance_scale: float, seed: int,
+def flow_grid_and_start(schedule, grid_size: int, steps: int) -> tuple[list[float], Schedule]:
+    """A flow student's grid of `grid_size` sigmas (descending, as it visits them) and where its default k-step
+    sigmas sit on it (`schedule.consistency_times`, the spacing its sampler spec pins by default)."""
+    grid = schedule.grid(grid_size).flip(0)
+    start = [int((grid - s).abs().argmin()) for s in schedule.consistency_times(steps, grid_size)]
+    return [round(float(g), 6) for g in grid], tuple(start)
+
+
+def pipeline_images(pipe, prompts: list[str], pin: dict, guidance_scale: float, seed: int,
                     batch: int = 64) -> Tensor:
-    """Images [B, 3, H, W] in [-1, 1] from a pipeline at the given timesteps; batch i draws from seed + i."""
+    """Images [B, 3, H, W] in [-1, 1] from a pipeline visiting a pinned schedule (`pin`: {"timesteps": [...]} or
+    {"sigmas": [...]}, as `SamplerSpec.pinned` gives); batch i draws from seed + i."""
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(prompts), batch):
         torch.manual_seed(seed + i)  # pipelines that re-noise from the global generator repeat too
         generator = torch.Generator().manual_seed(seed + i)
-        images = pipe(prompts[i:i + batch], num_inference_steps=len(timesteps), timesteps=list(timesteps),
+        images = pipe(prompts[i:i + batch], num_inference_steps=len(next(iter(pin.values()))), **pin,
                       guidance_scale=guidance_scale, generator=generator, output_type="pt").images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)
 
 
 def tune_student(folder, pipe, info, steps: list[int], prompts: list[str], real_features: Tensor, features,
-                 seed: int = 1, max_evals: int = 24, log=print) -> dict:
-    """Search each step count's schedule for the LCMScheduler student `info` loaded in `pipe`, scored by the KID of
-    `len(prompts)` samples (`features`: images -> [B, C], never the judge's) against `real_features`. Pins the best
-    schedules that differ from the default into `info.sampler.timesteps`, writes `folder`/student.json, and returns
-    {steps: {"default", "kid_default", "tuned", "kid_tuned", "evaluations"}}."""
+                 seed: int = 1, max_evals: int = 24, log=print, flow=None) -> dict:
+    """Search each step count's schedule for the consistency student `info` loaded in `pipe`, scored by the KID of
+    `len(prompts)` samples (`features`: images -> [B, C], never the judge's) against `real_features`. `flow`: a flow
+    student's `FlowSchedule` (its grid is the N flow sigmas of `details["num_ddim_timesteps"]`); None for an
+    LCMScheduler student. Pins the best schedules into the sampler spec (timesteps, or sigmas before the shift),
+    writes `folder`/student.json, and returns {steps: {"default", "kid_default", "tuned", "kid_tuned",
+    "evaluations"}} (timesteps, or the sigmas visited)."""
     from distill.probe import kid
 
-    size = info.sampler.max_steps
+    size = int(info.details["num_ddim_timesteps"]) if flow else info.sampler.max_steps
     found = {}
     for k in steps:
-        grid, start = grid_and_start(info.sampler.build(pipe.scheduler.config), size, k)
+        grid, start = (flow_grid_and_start(flow, size, k) if flow else
+                       grid_and_start(info.sampler.build(pipe.scheduler.config), size, k))
 
         def score(schedule: Schedule, k=k, grid=grid) -> float:
             times = [grid[i] for i in schedule]
-            value = kid(real_features, features(pipeline_images(pipe, prompts, times, info.guidance_scale, seed)))
+            images = pipeline_images(pipe, prompts, _pin(times, flow), info.guidance_scale, seed)
+            value = kid(real_features, features(images))
             log(f"[tune] {k} steps at {times}: KID {value:.2f}")
             return value
 
@@ -101,12 +114,29 @@ def tune_student(folder, pipe, info, steps: list[int], prompts: list[str], real_
         found[str(k)] = {"default": [grid[i] for i in start], "kid_default": history[0]["score"],
                          "tuned": [grid[i] for i in best], "kid_tuned": min(h["score"] for h in history),
                          "evaluations": len(history)}
-    pins = {k: v["tuned"] for k, v in found.items() if v["tuned"] != v["default"]}
-    info.sampler.timesteps = {**(info.sampler.timesteps or {}), **pins} or None
+    _save_pins(info, found, flow)
     info.details["tuned_timesteps"] = {"kid_on": getattr(features, "name", str(features)), "samples": len(prompts),
                                        "seed": seed, **found}
     info.save(folder)
     return found
+
+
+def _pin(times: list, flow) -> dict:
+    """A pipeline's pinned-schedule argument for these visited points (a flow pipeline shifts the sigmas it gets)."""
+    if flow is None:
+        return {"timesteps": list(times)}
+    return {"sigmas": [round(float(x), 6) for x in flow.unshifted(torch.tensor(times))]}
+
+
+def _save_pins(info, found: dict, flow) -> None:
+    """The tuned schedules into the spec: every tuned count of a flow student (its sigmas are always pinned), the
+    counts that moved of an LCMScheduler student (the others keep the scheduler's own spacing)."""
+    if flow is not None:
+        info.sampler.sigmas = {**(info.sampler.sigmas or {}),
+                               **{k: _pin(v["tuned"], flow)["sigmas"] for k, v in found.items()}}
+        return
+    pins = {k: v["tuned"] for k, v in found.items() if v["tuned"] != v["default"]}
+    info.sampler.timesteps = {**(info.sampler.timesteps or {}), **pins} or None
 
 
 def tune_source(source, steps: list[int], num_samples: int = 512, reference: str = "emoji:32",
@@ -126,10 +156,12 @@ def tune_source(source, steps: list[int], num_samples: int = 512, reference: str
     source = Path(source)
     check_backbone(feature_net, "--feature-net")
     info = check_sample(source, steps, source / "tune.png", None)
-    if info is None or info.sampler.scheduler != "LCMScheduler":
-        what = "a plain pipeline" if info is None else f"a {info.sampler.scheduler} student"
-        raise ConfigError(f"{source} is {what}: tune-sampler chooses LCMScheduler timesteps on a consistency "
-                          "student's grid; pass an LCM run folder or export.")
+    flow = info is not None and info.sampler.scheduler == "FlowMatchLCMScheduler"
+    if info is None or not (info.sampler.scheduler == "LCMScheduler" or
+                            (flow and info.details.get("num_ddim_timesteps"))):
+        what = "a plain pipeline" if info is None else f"a {info.sampler.scheduler} student ({info.method})"
+        raise ConfigError(f"{source} is {what}: tune-sampler chooses the points of a consistency student's grid "
+                          "that its sampler visits; pass an LCM run folder or export.")
     if any(k < 2 for k in steps):
         raise ConfigError(f"--steps {','.join(map(str, steps))}: one step has nothing to choose (it starts at the "
                           "top of the grid); ask for 2 or more.")
@@ -140,7 +172,16 @@ def tune_source(source, steps: list[int], num_samples: int = 512, reference: str
     resolution_px = pipe.vae_scale_factor * _sample_size(pipe)
     reals = _images(rows.select(range(num_samples, min(len(rows), num_samples + num_reference))), resolution_px)
     return tune_student(student_info_folder(source), pipe, info, steps, prompts, features(reals), features,
-                        seed=seed, max_evals=max_evals, log=log)
+                        seed=seed, max_evals=max_evals, log=log, flow=_flow_schedule(pipe, source) if flow else None)
+
+
+def _flow_schedule(pipe, source):
+    """The FlowSchedule (shift included) the student's pipeline samples on, as its teacher's adaptor reads it."""
+    from distill.families import family_class
+    from distill.schedule import schedule_for
+
+    family = family_class(type(pipe), str(source))(pipe, str(source))
+    return schedule_for(pipe.scheduler, str(source), **family.schedule_kwargs())
 
 
 def _sample_size(pipe) -> int:

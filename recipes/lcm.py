@@ -49,7 +49,7 @@ import torch
 from distill import engine, optim
 from distill.backbones import check_backbone
 from distill.config import DataConfig, OptimConfig, ProbeConfig, SampleConfig, TrainConfig
-from distill.consistency import DDIMSolver, check_pinned_timesteps, consistency_output, lcm_sampler
+from distill.consistency import DDIMSolver, check_pinned_timesteps, consistency_output, lcm_sampler, pinned_sigmas
 from distill.ema import AdapterEMA, ema_update_
 from distill.device import process_state
 from distill.errors import ConfigError
@@ -97,8 +97,9 @@ class LcdConfig:
 
 @dataclass
 class LcmSampleConfig(SampleConfig):
-    timesteps: dict[int, list[int]] | None = None  # {steps: timesteps} the shipped LCMScheduler visits at that step
-    #   count (points of the N grid; probe, grids and exports use them); null / unnamed counts: LCMScheduler's own
+    timesteps: dict[int, list[int]] | None = None  # {steps: timesteps} the shipped sampler visits at that step count
+    #   (points of the N grid, in the network's timesteps: 1000 sigma on a flow teacher; probe, grids and exports use
+    #   them); null / unnamed counts: the consistency sampler's even spacing
 
     def __post_init__(self):  # the shape at load time; `check` puts the points on the grid once the teacher loads
         if self.timesteps:
@@ -171,15 +172,13 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
 
 
 def pinned_times(cfg: LcmConfig, teacher: Teacher) -> dict[int, list[int]]:
-    """sample.timesteps, checked against the student's grid (an LCMScheduler's pin: VP teachers only)."""
+    """sample.timesteps, checked against the student's grid in the network's timesteps (a flow teacher's: 1000 sigma,
+    rounded, as FlowMatch schedulers number them)."""
     if not cfg.sample.timesteps:
         return {}
-    if teacher.schedule.lcm_scheduler != "LCMScheduler":
-        raise ConfigError(f"sample.timesteps pins LCMScheduler's timesteps; the {teacher.kind} teacher samples with "
-                          f"{teacher.schedule.lcm_scheduler} on pinned sigmas already: set sample.timesteps=null.")
-    grid = DDIMSolver(teacher.schedule, cfg.lcd.num_ddim_timesteps).timesteps.tolist()
+    grid = teacher.schedule.model_time(DDIMSolver(teacher.schedule, cfg.lcd.num_ddim_timesteps).timesteps)
     try:
-        return check_pinned_timesteps(cfg.sample.timesteps, [int(t) for t in grid], "sample.timesteps")
+        return check_pinned_timesteps(cfg.sample.timesteps, grid.round().long().tolist(), "sample.timesteps")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -409,12 +408,18 @@ class LatentConsistencyDistillation(Method):
                            schedule=teacher.schedule)
         if self.pinned:  # a pinned step count is one the student is made for, also outside the default 1/2/4/8
             spec.steps = sorted({*spec.steps, *self.pinned})
-            spec.timesteps = {str(k): v for k, v in self.pinned.items()}
+            if spec.sigmas is not None:  # a flow pipeline is called with sigmas
+                spec.sigmas.update(pinned_sigmas(teacher.schedule, cfg.lcd.num_ddim_timesteps, [], self._times()))
+            else:
+                spec.timesteps = {str(k): v for k, v in self.pinned.items()}
         return spec
 
     def _times(self) -> dict:
-        """{steps: timesteps tensor} of sample.timesteps, for the toolkit's own sampler (probe, grids)."""
-        return {k: torch.tensor(v) for k, v in self.pinned.items()}
+        """{steps: schedule times [steps]} of sample.timesteps (a flow teacher's sigmas: the grid's own points, not the
+        rounded timesteps / 1000), for the toolkit's own sampler (probe, grids)."""
+        grid = self.solver.timesteps
+        named = self.teacher.schedule.model_time(grid).round().long().tolist()
+        return {k: grid[[named.index(t) for t in v]] for k, v in self.pinned.items()}
 
     def save_student(self, folder: Path, step: int) -> None:
         """What ships: the EMA target UNet (full), or the adapters (their EMA when there is one), + student.json."""

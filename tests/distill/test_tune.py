@@ -7,7 +7,8 @@ import torch
 
 from distill.errors import ConfigError
 from distill.info import SamplerSpec, StudentInfo
-from distill.tune import grid_and_start, line, search
+from distill.schedule import FlowSchedule
+from distill.tune import flow_grid_and_start, grid_and_start, line, search
 
 
 def test_a_line_moves_one_point_between_its_neighbours_keeping_the_top():
@@ -42,6 +43,16 @@ def test_grid_and_start_are_lcm_schedulers_own():
     grid, start = grid_and_start(scheduler, 10, 4)
     assert grid == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
     assert [grid[i] for i in start] == [999, 799, 499, 299]  # what LCMScheduler visits at 4 steps
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_a_flow_students_grid_and_start_are_its_sigmas_and_its_default_spacing(shift):
+    schedule = FlowSchedule(shift=shift)
+    grid, start = flow_grid_and_start(schedule, 10, 4)
+    torch.testing.assert_close(torch.tensor(grid), schedule.grid(10).flip(0), atol=1e-6, rtol=0)  # descending
+    assert grid[0] == 1.0 and start[0] == 0 and len(set(start)) == 4
+    torch.testing.assert_close(torch.tensor([grid[i] for i in start]), schedule.consistency_times(4, 10),
+                               atol=1e-6, rtol=0)
 
 
 def test_pinned_timesteps_are_what_set_timesteps_is_given():
@@ -90,3 +101,39 @@ def test_tune_sampler_refuses_the_judge_and_one_step(tiny_sd_path, tmp_path):
         tune_source(run, [4], feature_net="effnet-lite0")
     with pytest.raises(ConfigError, match="one step has nothing to choose"):
         tune_source(run, [1, 4])
+
+
+def test_tune_sampler_pins_a_flow_students_sigmas_that_its_pipeline_then_visits(tiny_sd3_path, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from tests.evals.students import flow_lora_run
+
+    from distill.tune import tune_source
+
+    teacher_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3_path, subfolder="scheduler")
+    schedule = FlowSchedule.from_scheduler(teacher_scheduler)
+    assert schedule.shift != 1  # so that the visited sigmas differ from the ones the spec stores
+    run = flow_lora_run(tmp_path, tiny_sd3_path)
+    default = StudentInfo.load(run / "student").sampler.sigmas["4"]
+    found = tune_source(run, [4], num_samples=8, max_evals=4, num_reference=32, log=lambda *_: None)
+    row = found["4"]
+    assert row["default"] == pytest.approx(schedule.shifted(torch.tensor(default)).tolist(), abs=1e-6)
+    assert row["evaluations"] == 4 and row["kid_tuned"] <= row["kid_default"] and row["tuned"][0] == 1.0
+    info = StudentInfo.load(run / "student")
+    assert info.details["tuned_timesteps"]["4"] == row
+    scheduler = info.sampler.build(teacher_scheduler.config)  # the shipped FlowMatchLCMScheduler, the teacher's shift
+    scheduler.set_timesteps(**info.sampler.pinned(4))
+    torch.testing.assert_close(scheduler.sigmas[:-1], torch.tensor(row["tuned"]), atol=1e-5, rtol=0)
+
+
+def test_tune_sampler_refuses_a_flow_student_without_a_consistency_grid(tiny_sd3_path, tmp_path):
+    """An ADD / LADD student also samples with pinned sigmas, but it was trained on its own few, not on a grid."""
+    from tests.evals.students import flow_lora_run
+
+    from distill.tune import tune_source
+
+    run = flow_lora_run(tmp_path, tiny_sd3_path)
+    info = StudentInfo.load(run / "student")
+    info.method, info.details = "add", {}
+    info.save(run / "student")
+    with pytest.raises(ConfigError, match=r"FlowMatchLCMScheduler student \(add\).*pass an LCM run folder"):
+        tune_source(run, [4])

@@ -20,6 +20,27 @@ def lora_run(root, teacher_path):
     return root / "lora_run"
 
 
+def flow_lora_run(root, teacher_path):
+    """The LCM-LoRA run folder of a flow teacher (the tiny SD3): N = 10 flow sigmas, FlowMatchLCMScheduler pinned."""
+    from distill.consistency import lcm_sampler
+    from distill.student import LoraStudent
+    from distill.teacher import Teacher
+
+    teacher = Teacher.from_pretrained(teacher_path)
+    student = LoraStudent(teacher, rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in teacher.network.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    student.save_weights(root / "flow_run" / "student")
+    info = student_info(teacher, teacher_path, "lora", 1.0)
+    info.sampler = lcm_sampler(10, 10.0, teacher.prediction_type, 1.0, schedule=teacher.schedule)
+    info.network, info.details["num_ddim_timesteps"] = "transformer", 10
+    info.save(root / "flow_run" / "student")
+    return root / "flow_run"
+
+
 def student_info(teacher, teacher_path, kind, guidance_scale):
     from distill.consistency import lcm_sampler
     from distill.info import StudentInfo

@@ -95,8 +95,26 @@ def test_flow_student_settings_a_flow_teacher_cannot_take_are_refused(tiny_sd3_p
     with pytest.raises(ConfigError, match="anchor_solve_steps=50 does not put .* use e.g. 55"):
         lcm.check(_cfg(tmp_path, tiny_sd3_path, "lora", lcd=dict(w_min=2.0, w_max=2.0, num_ddim_timesteps=10,
                                                                   anchor_weight=1.0, anchor_solve_steps=50)), teacher)
-    with pytest.raises(ConfigError, match="sample.timesteps pins LCMScheduler's .* FlowMatchLCMScheduler"):
+    with pytest.raises(ConfigError, match=r"sample.timesteps\[2\] = \[999, 499\] must descend through points of the "
+                                          r"student's grid \[9, .*, 1000\]"):  # the transformer's timesteps (shift 3)
         lcm.check(_cfg(tmp_path, tiny_sd3_path, "lora", sample=dict(timesteps={2: [999, 499]})), teacher)
+
+
+def test_a_flow_students_pinned_timesteps_ship_as_the_grids_own_sigmas(tiny_sd3_path, tmp_path):
+    schedule = Teacher.from_pretrained(tiny_sd3_path).schedule
+    grid = schedule.grid(10).flip(0)  # descending sigmas, after the teacher's shift
+    named = (grid * 1000).round().long().tolist()
+    pin = [named[0], named[5], named[8]]
+    run = main(_cfg(tmp_path, tiny_sd3_path, "lora", max_train_steps=1,
+                    sample=dict(prompts=["dog face"], steps=[1, 3], every_steps=0, teacher_steps=None,
+                                timesteps={3: pin})))
+    sampler = StudentInfo.load(run / "student").sampler
+    assert sampler.steps == [1, 2, 3, 4, 8] and sampler.timesteps is None
+    scheduler = FlowMatchLCMScheduler(shift=schedule.shift)
+    scheduler.set_timesteps(**sampler.pinned(3))  # the pipeline shifts the sigmas it gets: it visits the grid's own
+    torch.testing.assert_close(scheduler.sigmas[:-1], grid[[0, 5, 8]], atol=1e-5, rtol=0)
+    scheduler.set_timesteps(**sampler.pinned(4))  # counts not pinned keep the even spacing
+    torch.testing.assert_close(scheduler.sigmas[:-1], schedule.consistency_times(4, 10), atol=1e-5, rtol=0)
 
 
 def test_ladd_on_a_flow_teacher_reads_its_token_maps_and_ships_its_own_sigmas(tiny_sd3_path, tmp_path):
