@@ -75,13 +75,17 @@ def flow_grid_and_start(schedule, grid_size: int, steps: int) -> tuple[list[floa
 def pipeline_images(pipe, prompts: list[str], pin: dict, guidance_scale: float, seed: int,
                     batch: int = 64) -> Tensor:
     """Images [B, 3, H, W] in [-1, 1] from a pipeline visiting a pinned schedule (`pin`: {"timesteps": [...]} or
-    {"sigmas": [...]}, as `SamplerSpec.pinned` gives); batch i draws from seed + i."""
+    {"sigmas": [...]}, as `SamplerSpec.pinned` gives), conditioned as the teacher's adaptor encodes (SD3 without T5:
+    CLIP's token count); batch i draws from seed + i."""
+    from distill.families import family_class
+
+    extra = {**family_class(type(pipe), "the pipeline")(pipe, "the pipeline").call_kwargs(), **pin}
     pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(prompts), batch):
         torch.manual_seed(seed + i)  # pipelines that re-noise from the global generator repeat too
         generator = torch.Generator().manual_seed(seed + i)
-        images = pipe(prompts[i:i + batch], num_inference_steps=len(next(iter(pin.values()))), **pin,
+        images = pipe(prompts[i:i + batch], num_inference_steps=len(next(iter(pin.values()))), **extra,
                       guidance_scale=guidance_scale, generator=generator, output_type="pt").images
         out.append(images.float().cpu() * 2 - 1)
     return torch.cat(out)

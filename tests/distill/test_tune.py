@@ -137,3 +137,24 @@ def test_tune_sampler_refuses_a_flow_student_without_a_consistency_grid(tiny_sd3
     info.save(run / "student")
     with pytest.raises(ConfigError, match=r"FlowMatchLCMScheduler student \(add\).*pass an LCM run folder"):
         tune_source(run, [4])
+
+
+def test_tune_samples_as_the_teacher_conditions_an_sd3_without_t5(tiny_sd3_path):
+    """Without T5, the emoji SD3 was trained on CLIP's 77 token states; a plain pipeline call pads to 256 unless told,
+    and the transformer attends over every padded token: tune-sampler once scored such off-distribution images."""
+    from diffusers import FlowMatchLCMScheduler, StableDiffusion3Pipeline
+
+    from distill.tune import pipeline_images
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path, text_encoder_3=None, tokenizer_3=None)
+    pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config)
+    pin = {"sigmas": [1.0, 0.5]}
+    got = pipeline_images(pipe, ["dog face", "banana"], pin, 1.0, seed=3)
+
+    def plain(**extra):
+        torch.manual_seed(3)
+        return pipe(["dog face", "banana"], num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(3), **pin, **extra).images * 2 - 1
+
+    torch.testing.assert_close(got, plain(max_sequence_length=77))
+    assert (got - plain()).abs().max() > 1e-3  # the padding the pipeline defaults to changes the images
