@@ -46,6 +46,10 @@ class SamplerSpec:
         """A ConfigError naming the step counts above `max_steps`, before anything is generated."""
         limit = self.max_steps
         over = [s for s in steps if (limit is not None and s > limit) or (self.sigmas and str(s) not in self.sigmas)]
+        if over and self.sigmas:  # a flow or ADD student: sigmas pinned per step count, no others
+            made = ", ".join(sorted(self.sigmas, key=int))
+            raise ConfigError(f"{what} cannot take {', '.join(map(str, over))} steps: its sampler ({self.scheduler}) "
+                              f"visits sigmas pinned for {made} steps only; ask for those.")
         if over:
             raise ConfigError(f"{what} cannot take {', '.join(map(str, over))} steps: its sampler ({self.scheduler}) "
                               f"walks a grid of N = {limit} timesteps; ask for at most {limit} steps.")
