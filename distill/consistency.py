@@ -95,7 +95,12 @@ def pinned_sigmas(schedule, n: int, steps: list[int], times: dict | None = None)
     times of the n-point grid, `schedule.consistency_times(k, n)`) for each step count k of `steps`. The pipeline
     shifts the sigmas it is given, so the unshifted ones are stored: it then visits exactly these."""
     times = times or {k: schedule.consistency_times(k, n) for k in steps}
-    return {str(k): [round(float(x), 6) for x in schedule.unshifted(v)] for k, v in times.items()}
+    return {str(k): unshifted_sigmas(schedule, v) for k, v in times.items()}
+
+
+def unshifted_sigmas(schedule, sigmas) -> list[float]:
+    """What a flow pipeline's `sigmas=` takes to visit these sigmas after its shift (rounded for student.json)."""
+    return [round(float(x), 6) for x in schedule.unshifted(torch.as_tensor(sigmas))]
 
 
 def check_pinned_timesteps(pinned: dict, grid: list[int] | None, key: str) -> dict[int, list[int]]:

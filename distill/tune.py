@@ -129,7 +129,9 @@ def _pin(times: list, flow) -> dict:
     """A pipeline's pinned-schedule argument for these visited points (a flow pipeline shifts the sigmas it gets)."""
     if flow is None:
         return {"timesteps": list(times)}
-    return {"sigmas": [round(float(x), 6) for x in flow.unshifted(torch.tensor(times))]}
+    from distill.consistency import unshifted_sigmas
+
+    return {"sigmas": unshifted_sigmas(flow, times)}
 
 
 def _save_pins(info, found: dict, flow) -> None:

@@ -171,14 +171,19 @@ def check(cfg: LcmConfig, teacher: Teacher) -> None:
     pinned_times(cfg, teacher)
 
 
+def named_grid(solver: DDIMSolver) -> list[int]:
+    """The solver's grid (ascending) in the network's timesteps, as logs and sample.timesteps name its points."""
+    return solver.schedule.model_time(solver.timesteps).round().long().tolist()  # a flow teacher's: 1000 sigma
+
+
 def pinned_times(cfg: LcmConfig, teacher: Teacher) -> dict[int, list[int]]:
     """sample.timesteps, checked against the student's grid in the network's timesteps (a flow teacher's: 1000 sigma,
     rounded, as FlowMatch schedulers number them)."""
     if not cfg.sample.timesteps:
         return {}
-    grid = teacher.schedule.model_time(DDIMSolver(teacher.schedule, cfg.lcd.num_ddim_timesteps).timesteps)
+    grid = named_grid(DDIMSolver(teacher.schedule, cfg.lcd.num_ddim_timesteps))
     try:
-        return check_pinned_timesteps(cfg.sample.timesteps, grid.round().long().tolist(), "sample.timesteps")
+        return check_pinned_timesteps(cfg.sample.timesteps, grid, "sample.timesteps")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -199,8 +204,7 @@ class LatentConsistencyDistillation(Method):
         self.pinned = pinned_times(cfg, self.teacher)  # sample.timesteps, on the grid: what ships, probes and grids
         self.solver = DDIMSolver(self.teacher.schedule, cfg.lcd.num_ddim_timesteps)
         width = len(str(self.teacher.num_train_timesteps - 1))
-        model_times = self.teacher.schedule.model_time(self.solver.timesteps).round().long().tolist()  # sigma: x1000
-        self.interval_names = {n: f"interval/t{t:0{width}d}" for n, t in enumerate(model_times)}
+        self.interval_names = {n: f"interval/t{t:0{width}d}" for n, t in enumerate(named_grid(self.solver))}
         self.scalings = dict(sigma_data=cfg.lcd.sigma_data, timestep_scaling=cfg.lcd.timestep_scaling,
                              schedule=self.teacher.schedule)
         self.distance = functools.partial(pseudo_huber, c=cfg.lcd.huber_c) if cfg.lcd.loss == "huber" else l2
@@ -417,9 +421,8 @@ class LatentConsistencyDistillation(Method):
     def _times(self) -> dict:
         """{steps: schedule times [steps]} of sample.timesteps (a flow teacher's sigmas: the grid's own points, not the
         rounded timesteps / 1000), for the toolkit's own sampler (probe, grids)."""
-        grid = self.solver.timesteps
-        named = self.teacher.schedule.model_time(grid).round().long().tolist()
-        return {k: grid[[named.index(t) for t in v]] for k, v in self.pinned.items()}
+        named = named_grid(self.solver)
+        return {k: self.solver.timesteps[[named.index(t) for t in v]] for k, v in self.pinned.items()}
 
     def save_student(self, folder: Path, step: int) -> None:
         """What ships: the EMA target UNet (full), or the adapters (their EMA when there is one), + student.json."""
